@@ -1,0 +1,29 @@
+"""Shared test fixtures. Tests that need ../shared skip cleanly when it is absent."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def shared_path(*parts):
+    """Path under ../shared, or skip the calling test when it is not there."""
+    p = SHARED.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"{p} not present (../shared is only next to the repo in CI and dev checkouts)")
+    return p
+
+
+@pytest.fixture
+def shared():
+    return shared_path
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end tests (minutes); run in CI")
+    config.addinivalue_line("markers", "detectron2: needs the detectron2 CPU test build")
