@@ -1,0 +1,208 @@
+"""ImageNet-style data for distillation: ImageFolder trees, multi-view augmentation, sharding.
+
+Assumptions: `DATA/train/<class>/<image>` (and `DATA/val/<class>/<image>` unless validation is off),
+images in any format PIL reads (grayscale, palette and CMYK are converted to RGB). The val tree
+must hold exactly the train tree's classes, so class indices agree.
+
+Each training sample is decoded once and augmented `num_views` times independently
+(RandomResizedCrop + horizontal flip + normalize). The augmentation randomness comes from a
+generator seeded by (seed, epoch, sample index), never from the global RNG: a sample's views are
+the same whatever the number of workers or ranks, which makes resume exact with workers and lets a
+2-process run see the same pixels as a 1-process run.
+"""
+import math
+import os
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def load_rgb(path):
+    """Decode an image file into an RGB PIL image; an unreadable file is an error naming it."""
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            img.load()
+    except Exception as e:
+        raise RuntimeError(
+            f"cannot read image {path}: {type(e).__name__}: {e}. Delete or replace the file "
+            f"(corrupt or not an image)") from e
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def scan_folder(root, class_to_idx=None):
+    """(samples [(path, class_idx)], classes) of an ImageFolder tree, with clear errors."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(
+            f"image folder {root} does not exist; DATA must hold train/<class>/*.JPEG "
+            f"(and val/<class>/*.JPEG unless --no-val)")
+    classes, found = find_classes_safe(root)
+    if class_to_idx is not None:
+        if classes != sorted(class_to_idx):
+            extra = sorted(set(classes) - set(class_to_idx))[:5]
+            missing = sorted(set(class_to_idx) - set(classes))[:5]
+            raise ValueError(
+                f"{root} has {len(classes)} class folders, the train folder {len(class_to_idx)}; "
+                f"they must be the same classes (only in {root}: {extra}; missing there: {missing})")
+        found = class_to_idx
+    try:
+        samples = make_dataset(root, found, extensions=IMG_EXTENSIONS)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{root}: {e}") from e
+    return samples, classes, found
+
+
+def find_classes_safe(root):
+    try:
+        return find_classes(root)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(
+            f"{root} has no class sub-folders ({e}); expected {root}/<class>/<image>") from e
+
+
+def sample_seed(seed, epoch, index):
+    """A 63-bit seed mixing (seed, epoch, index) so nearby triples give unrelated streams."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def random_resized_crop_params(height, width, scale, ratio, gen):
+    """(top, left, h, w) as torchvision's RandomResizedCrop.get_params, drawn from `gen`."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        u = torch.rand(2, generator=gen).tolist()
+        target_area = area * (scale[0] + u[0] * (scale[1] - scale[0]))
+        aspect = math.exp(log_ratio[0] + u[1] * (log_ratio[1] - log_ratio[0]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            i = int(torch.randint(0, height - h + 1, (1,), generator=gen))
+            j = int(torch.randint(0, width - w + 1, (1,), generator=gen))
+            return i, j, h, w
+    # Fallback: the largest central crop within the ratio range.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class TrainView:
+    """RandomResizedCrop(crop, scale) + horizontal flip + ToTensor + normalize, randomness from `gen`."""
+
+    def __init__(self, crop_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+        self.crop_size = crop_size
+        self.scale = scale
+        self.ratio = ratio
+
+    def __call__(self, img, gen):
+        i, j, h, w = random_resized_crop_params(img.height, img.width, self.scale, self.ratio, gen)
+        img = TF.resized_crop(img, i, j, h, w, [self.crop_size, self.crop_size],
+                              interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        if torch.rand(1, generator=gen).item() < 0.5:
+            img = TF.hflip(img)
+        return TF.normalize(TF.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD)
+
+
+class MultiViewImageFolder(torch.utils.data.Dataset):
+    """Training set: returns ([num_views tensors 3xHxW], target, index)."""
+
+    def __init__(self, root, crop_size, num_views=1, seed=0):
+        self.root = root
+        self.samples, self.classes, self.class_to_idx = scan_folder(root)
+        self.targets = [t for _, t in self.samples]
+        self.view = TrainView(crop_size)
+        self.num_views = num_views
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        """Call before iterating (workers copy the dataset when the iterator is created)."""
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        path, target = self.samples[index]
+        img = load_rgb(path)  # decoded once for all views
+        gen = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
+        views = [self.view(img, gen) for _ in range(self.num_views)]
+        return views, target, index
+
+
+class EvalImageFolder(torch.utils.data.Dataset):
+    """Validation set: Resize(val_resize) + CenterCrop(crop) + normalize; returns (image, target)."""
+
+    def __init__(self, root, crop_size, val_resize, class_to_idx):
+        self.root = root
+        self.samples, self.classes, _ = scan_folder(root, class_to_idx)
+        self.crop_size = crop_size
+        self.val_resize = val_resize
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        path, target = self.samples[index]
+        img = load_rgb(path)
+        img = TF.resize(img, self.val_resize, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        img = TF.center_crop(img, [self.crop_size, self.crop_size])
+        return TF.normalize(TF.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD), target
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Evaluation sharding without padding: rank r takes indices r, r+W, ... (each counted once)."""
+
+    def __init__(self, n, rank, world_size):
+        self.indices = list(range(rank, n, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+def seed_worker_fn(seed, epoch, rank):
+    """worker_init_fn seeding numpy/random/torch in each worker from (seed, epoch, rank, worker)."""
+    def init(worker_id):
+        import random
+        s = sample_seed(seed, epoch, 1_000_003 * (rank + 1) + worker_id)
+        random.seed(s)
+        np.random.seed(s % 2 ** 32)
+        torch.manual_seed(s)
+    return init
+
+
+def build_train_loader(dataset, per_rank_batch, workers, rank, world_size, seed, epoch, pin_memory):
+    """Loader for one epoch. The sampler shuffles from (seed, epoch), so an epoch's order never
+    depends on the RNG state; the last incomplete batch is dropped (BatchNorm and the queue need
+    full batches)."""
+    if len(dataset) < per_rank_batch * world_size:
+        raise ValueError(
+            f"{dataset.root} holds {len(dataset)} images, fewer than one global batch "
+            f"({per_rank_batch * world_size}); lower -b/--batch-size")
+    sampler = torch.utils.data.DistributedSampler(
+        dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    dataset.set_epoch(epoch)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=per_rank_batch, sampler=sampler, num_workers=workers,
+        pin_memory=pin_memory, drop_last=True, worker_init_fn=seed_worker_fn(seed, epoch, rank),
+        persistent_workers=False)
+
+
+def build_val_loader(dataset, per_rank_batch, workers, rank, world_size, pin_memory):
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=per_rank_batch, sampler=ShardSampler(len(dataset), rank, world_size),
+        num_workers=workers, pin_memory=pin_memory, drop_last=False)

@@ -1,0 +1,81 @@
+"""What every distillation method shares (interface I2).
+
+A Method owns the student (a torchvision ResNet incl. fc) and every trainable or stateful extra
+(heads, predictor, EMA networks, queue, memory banks). `forward(views, target, index)` returns the
+student's logits on views[0] and a dict of *weighted* loss terms whose sum is the loss to minimise.
+
+The teacher backbone is frozen and comes from `--teacher-weights`, so it is kept outside the module
+registry: it is not in `state_dict()` (checkpoints stay student-sized), not in `parameters()` (the
+optimizer and DDP never see it), and stays in eval mode whatever `train()` says. `_apply` moves it
+along with the method (`.to(device)`, `.cuda()`, `.to(memory_format=...)`).
+
+Under DDP, wrap the whole Method (not the student), so one forward covers every student pass.
+"""
+import contextlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def fp32_region(device_type):
+    """Disable autocast: normalisations, logits and losses are computed in fp32 whatever the AMP mode."""
+    if device_type in ("cuda", "cpu", "xpu", "mps"):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def fp32(t):
+    """Half / bfloat16 tensors (autocast outputs) up to fp32; fp32 and fp64 stay as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def kd_loss(logits_s, logits_t, T):
+    """Hinton KD: KL(softmax(t/T) || softmax(s/T)) * T^2, averaged over the batch (at least fp32)."""
+    log_p_s = F.log_softmax(fp32(logits_s) / T, dim=1)
+    p_t = F.softmax(fp32(logits_t) / T, dim=1)
+    return F.kl_div(log_p_s, p_t, reduction="batchmean") * (T * T)
+
+
+class Method(nn.Module):
+    num_views = 1
+
+    def __init__(self, student, teacher=None):
+        super().__init__()
+        self.student = student
+        if teacher is not None:
+            teacher.eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+        object.__setattr__(self, "teacher", teacher)  # deliberately unregistered, see module docstring
+
+    # --- the frozen, unregistered teacher -------------------------------------------------------
+    def _apply(self, fn, *args, **kwargs):
+        if self.teacher is not None:
+            self.teacher._apply(fn, *args, **kwargs)
+        return super()._apply(fn, *args, **kwargs)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # the teacher backbone always uses its running BN statistics
+        return self
+
+    @torch.no_grad()
+    def teacher_forward(self, x):
+        from distill.models import forward_features
+        return forward_features(self.teacher, x)  # ([B, d_t], [B, C_t])
+
+    # --- interface --------------------------------------------------------------------------------
+    def slow_student_state_dict(self):
+        """The slow-moving student's backbone in torchvision layout (no fc), or None."""
+        return None
+
+    def forward(self, views, target, index):
+        raise NotImplementedError
+
+    def _check_views(self, views):
+        if not isinstance(views, (list, tuple)) or len(views) != self.num_views:
+            got = len(views) if isinstance(views, (list, tuple)) else type(views).__name__
+            raise ValueError(f"{type(self).__name__} expects a list of {self.num_views} view(s) per batch, "
+                             f"got {got}; build the loader with num_views=method.num_views")
