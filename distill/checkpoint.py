@@ -14,7 +14,11 @@ import torch
 POINTER = "last_checkpoint"
 
 
-def _atomic_write(path, write_fn):
+def atomic_write(path, write_fn):
+    """Call write_fn(binary file) on a temp file beside `path`, then rename it to `path`.
+
+    The result gets the permissions a plain open() would give (mkstemp's files are private, 0600).
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
@@ -23,6 +27,9 @@ def _atomic_write(path, write_fn):
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -32,11 +39,11 @@ def _atomic_write(path, write_fn):
 
 def save_atomic(obj, path):
     """torch.save `obj` to `path` atomically (temp file + rename)."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def write_text_atomic(path, text):
-    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def save_checkpoint(obj, folder, name):

@@ -57,7 +57,7 @@ def classification_result(folder):
 def detection_result(folder, trials):
     per_trial, sources, curves = [], [], []
     for k in range(trials):
-        path = os.path.join(folder, f"trial{k}", "metrics.json")
+        path = os.path.join(folder if trials == 1 else os.path.join(folder, f"trial{k}"), "metrics.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} is missing; re-run that transfer stage")
         rows = read_jsonl(path)

@@ -181,20 +181,30 @@ def _final_epoch_label(rows, epochs):
     return int(epochs)
 
 
+def trial_dir(folder, k, trials):
+    """Where trial k of a `train_net.py --trials N` run lives (I7: N=1 writes OUTPUT_DIR itself)."""
+    return folder if trials == 1 else os.path.join(folder, f"trial{k}")
+
+
 def transfer_state(folder, trials):
     """(complete, reason) of a `train_net.py --trials N` output folder (I7)."""
-    summary = os.path.join(folder, "trials_summary.json")
     evals = []
     for k in range(trials):
-        rows = [r for r in _read_jsonl(os.path.join(folder, f"trial{k}", "metrics.json")) if "bbox/AP" in r]
+        tdir = trial_dir(folder, k, trials)
+        rows = [r for r in _read_jsonl(os.path.join(tdir, "metrics.json")) if "bbox/AP" in r]
+        if not os.path.isfile(os.path.join(tdir, "model_final.pth")):
+            return False, f"trial {k} has no model_final.pth yet"
         if not rows:
-            return False, f"trial{k} has no evaluation in metrics.json yet"
-        if not os.path.isfile(os.path.join(folder, f"trial{k}", "model_final.pth")):
-            return False, f"trial{k} has no model_final.pth yet"
+            return False, f"trial {k} has no evaluation in metrics.json yet"
         evals.append(rows[-1]["bbox/AP"])
-    if not os.path.isfile(summary):
+    if trials > 1 and not os.path.isfile(os.path.join(folder, "trials_summary.json")):
         return False, "no trials_summary.json yet"
     return True, "AP " + ", ".join(f"{a:.1f}" for a in evals)
+
+
+def transfer_stamp(folder, trials):
+    """The file whose time says when a transfer stage finished."""
+    return os.path.join(folder, "trials_summary.json" if trials > 1 else "model_final.pth")
 
 
 # ---------------------------------------------------------------------------------------- stages
@@ -382,14 +392,15 @@ class Pipeline:
                         "OUTPUT_DIR", folder, "MODEL.WEIGHTS", pkl, "SEED", str(seed)] + [str(o) for o in opts]
 
                 def run_transfer(stage, argv=argv, folder=folder):
-                    if any(os.path.isfile(os.path.join(folder, f"trial{k}", "last_checkpoint")) for k in range(trials)):
+                    if any(os.path.isfile(os.path.join(trial_dir(folder, k, trials), "last_checkpoint"))
+                           for k in range(trials)):
                         self.log("    resuming the trials from their last checkpoints")
                         argv = argv[:2] + ["--resume"] + argv[2:]
                     self._run_cmd(stage, argv)
                 stages.append(Stage(f"transfer:{ds}:{init}", "transfer",
                                     lambda folder=folder: transfer_state(folder, trials), run_transfer,
                                     inputs=([pkl] if pkl else []) + data_inputs + [config_file],
-                                    stamp=os.path.join(folder, "trials_summary.json"), out_dir=folder))
+                                    stamp=transfer_stamp(folder, trials), out_dir=folder))
         self.inits, self.weights, self.backbones = inits, weights, backbones
 
         # 6. report: always rewritten (cheap) from the files the stages left

@@ -27,7 +27,7 @@ from typing import List, Mapping, NamedTuple, Optional, Tuple
 import numpy as np
 import torch
 
-from distill.checkpoint import _atomic_write  # the project's one atomic writer
+from distill.checkpoint import atomic_write  # the project's one atomic writer
 
 # depth -> (block kind, blocks per stage res2..res5), as torchvision builds them.
 RESNET_SPECS = {
@@ -348,7 +348,4 @@ def save_d2_file(model: Mapping[str, np.ndarray], path) -> None:
     data = {"model": {k: np.asarray(v) for k, v in model.items()},
             "__author__": "cocord-transfer", "matching_heuristics": True}
     # protocol 4: readable by every Python 3 detectron2 install (5 would need PickleBuffer support)
-    _atomic_write(path, lambda f: pickle.dump(data, f, protocol=4))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)  # the temp file was private (0600); give it normal permissions
+    atomic_write(path, lambda f: pickle.dump(data, f, protocol=4))
