@@ -42,7 +42,7 @@ def prediction_loss(p, z):
 
 
 class CoCoRD(Method):
-    num_views = 3  # [x_s, x_s', x_t]
+    num_views = 3                                                                # [x_s, x_s', x_t]
 
     def __init__(self, student, teacher, proj_dim=2048, proj_hidden_dim=2048, pred_dim=512, queue_size=16384,
                  tau=0.1, teacher_head_momentum=0.999, slow_momentum=0.9, w_ce=1.0, w_contrast=1.0, w_pred=4.0,
@@ -72,33 +72,27 @@ class CoCoRD(Method):
         # queue of K normalised teacher keys (negatives only) and its write pointer
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, proj_dim), dim=1))  # [K, P]
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
-        self._pair_params()
 
     # --- EMA ----------------------------------------------------------------------------------------
-    def _pair_params(self):
-        """(EMA, source) parameter lists, matched by name; rebuilt whenever parameters may be replaced."""
+    def _ema_pairs(self):
+        """[(EMA params, source params, momentum)], matched by name. Built per call (cheap), so it stays right
+        when parameters are replaced (e.g. SyncBN conversion, dtype/device moves)."""
         student = {n: p for n, p in self.student.named_parameters() if not n.startswith("fc.")}
         slow = dict(self.slow.named_parameters())
         if student.keys() != slow.keys():
             raise RuntimeError("slow student and student backbones differ in parameter names")
-        names = sorted(slow)
-        self._slow_ema = [slow[n] for n in names] + list(self.slow_proj.parameters())
-        self._slow_src = [student[n] for n in names] + list(self.proj_s.parameters())
-        self._t_ema = list(self.proj_t.parameters()) if self.proj_t_is_ema else []
-        self._t_src = list(self.proj_s.parameters()) if self.proj_t_is_ema else []
-
-    def _apply(self, fn, *args, **kwargs):
-        out = super()._apply(fn, *args, **kwargs)
-        self._pair_params()
-        return out
+        pairs = [([slow[n] for n in student] + list(self.slow_proj.parameters()),
+                  list(student.values()) + list(self.proj_s.parameters()), self.m_slow)]
+        if self.proj_t_is_ema:
+            pairs.append((list(self.proj_t.parameters()), list(self.proj_s.parameters()), self.m_t))
+        return pairs
 
     @torch.no_grad()
     def _momentum_update(self):
         """ema = m * ema + (1 - m) * source, for the slow student and (when it is an EMA) proj_t."""
-        for ema, src, m in ((self._slow_ema, self._slow_src, self.m_slow), (self._t_ema, self._t_src, self.m_t)):
-            if ema:
-                torch._foreach_mul_(ema, m)
-                torch._foreach_add_(ema, src, alpha=1.0 - m)
+        for ema, src, m in self._ema_pairs():
+            torch._foreach_mul_(ema, m)
+            torch._foreach_add_(ema, src, alpha=1.0 - m)
 
     # --- queue --------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -116,30 +110,30 @@ class CoCoRD(Method):
         x_s, x_s2, x_t = views
 
         # 1. student, two views (with grad)
-        feat_s, logits = forward_features(self.student, x_s)   # [B, d_s], [B, C]
-        feat_s2, _ = forward_features(self.student, x_s2)      # [B, d_s]
-        z_s, z_s2 = self.proj_s(feat_s), self.proj_s(feat_s2)  # [B, P]
-        p_s, p_s2 = self.predictor(z_s), self.predictor(z_s2)  # [B, P]
+        feat_s, logits = forward_features(self.student, x_s)                     # [B, d_s], [B, C]
+        feat_s2, _ = forward_features(self.student, x_s2)                        # [B, d_s]
+        z_s, z_s2 = self.proj_s(feat_s), self.proj_s(feat_s2)                    # [B, P]
+        p_s, p_s2 = self.predictor(z_s), self.predictor(z_s2)                    # [B, P]
 
         # 2. EMA after the student's forward, before any key
         self._momentum_update()
 
         # 3. keys (no grad; proj_t and the slow student use batch statistics)
         with torch.no_grad():
-            feat_t, _ = self.teacher_forward(x_t)                            # [B, d_t]
-            k = self.proj_t(feat_t)                                          # [B, P]
-            slow_s = self.slow_proj(forward_features(self.slow, x_s)[0])     # [B, P]
-            slow_s2 = self.slow_proj(forward_features(self.slow, x_s2)[0])   # [B, P]
-            logits_t = self.teacher_forward(x_s)[1] if self.w_kd else None   # [B, C], KD on the student's view
+            feat_t, _ = self.teacher_forward(x_t)                                # [B, d_t]
+            k = self.proj_t(feat_t)                                              # [B, P]
+            slow_s = self.slow_proj(forward_features(self.slow, x_s)[0])         # [B, P]
+            slow_s2 = self.slow_proj(forward_features(self.slow, x_s2)[0])       # [B, P]
+            logits_t = self.teacher_forward(x_s)[1] if self.w_kd else None       # [B, C], KD on the student's view
 
         # 4. losses in fp32
         with fp32_region(x_s.device.type):
-            q = F.normalize(fp32(z_s), dim=1)                              # [B, P]
-            k = F.normalize(fp32(k), dim=1)                                # [B, P]
-            l_pos = (q * k).sum(dim=1, keepdim=True)                         # [B, 1]
+            q = F.normalize(fp32(z_s), dim=1)                                    # [B, P]
+            k = F.normalize(fp32(k), dim=1)                                      # [B, P]
+            l_pos = (q * k).sum(dim=1, keepdim=True)                             # [B, 1]
             # a copy: the queue is overwritten below, before backward needs it
-            l_neg = q @ self.queue.to(q.dtype, copy=True).t()                # [B, K]
-            logits_con = torch.cat([l_pos, l_neg], dim=1) / self.tau         # [B, 1+K]
+            l_neg = q @ self.queue.to(q.dtype, copy=True).t()                    # [B, K]
+            logits_con = torch.cat([l_pos, l_neg], dim=1) / self.tau             # [B, 1+K]
             zeros = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
             loss_con = F.cross_entropy(logits_con, zeros)
             loss_pred = 0.5 * (prediction_loss(fp32(p_s), fp32(slow_s2))

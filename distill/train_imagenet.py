@@ -15,8 +15,10 @@ import json
 import logging
 import os
 import random
+import re
 import sys
 import time
+import warnings
 
 if __package__ in (None, ""):  # run as a script: make `distill` importable from the repo root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -256,10 +258,10 @@ def close_logging(logger):
         h.close()
 
 
-def resolved_config(args, info):
-    cfg = {k: v for k, v in vars(args).items()}
-    cfg["world_size"] = info.world_size
-    return cfg
+def resolved_config(args):
+    """Every flag's final value (lr resolved); loadable again with --config (the file given with
+    --config is already merged in, so it is left out)."""
+    return {k: v for k, v in vars(args).items() if k != "config"}
 
 
 def truncate_metrics(path, epoch):
@@ -289,18 +291,23 @@ def seed_everything(seed):
 
 def main(argv=None):
     """Run the whole training; returns the last epoch's metrics dict."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    command = " ".join([os.path.basename(__file__)] + argv)
     check_args(args)
     info = dist.init_distributed(args.dist_url, args.dist_backend, args.device)
     try:
-        return _run(args, info)
+        return _run(args, info, command)
     finally:
         if info.distributed:
             dist.cleanup()
 
 
-def _run(args, info):
+def _run(args, info, command):
     device = info.device
+    # fp16: GradScaler skips the optimizer step after inf/nan gradients, which torch then misreads
+    # as "scheduler.step() before optimizer.step()"; our scheduler is stepped per epoch on purpose
+    warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
     per_rank = dist.per_rank_batch(args.batch_size, info.world_size)
     if args.lr is None:
         args.lr = 0.1 * args.batch_size / 256
@@ -374,10 +381,10 @@ def _run(args, info):
         # ---- outputs
         if info.is_main:
             with open(os.path.join(args.output_dir, "config.yaml"), "w", encoding="utf-8") as f:
-                yaml.safe_dump(resolved_config(args, info), f, sort_keys=False)
+                yaml.safe_dump(resolved_config(args), f, sort_keys=False)
             from torch.utils.tensorboard import SummaryWriter
             tb = SummaryWriter(os.path.join(args.output_dir, "tb"), purge_step=global_step or None)
-        log(f"command: {' '.join(sys.argv)}")
+        log(f"command: {command}")
         log(f"method {args.method}: student {args.arch}"
             + (f", teacher {args.teacher_arch} ({args.teacher_weights})" if teacher is not None else "")
             + f"; {info.world_size} process(es) on {device}, batch {args.batch_size} ({per_rank}/process), "
@@ -387,6 +394,8 @@ def _run(args, info):
         val_loader = (build_val_loader(val_set, per_rank, args.workers, info.rank, info.world_size, pin)
                       if val_set is not None else None)
         last = {}
+        if start_epoch >= args.epochs:
+            log(f"already trained {start_epoch} of --epochs {args.epochs}: nothing to do")
         for epoch in range(start_epoch, args.epochs):
             epoch_start = time.perf_counter()
             loader = build_train_loader(train_set, per_rank, args.workers, info.rank, info.world_size,
@@ -408,7 +417,7 @@ def _run(args, info):
             if info.is_main:
                 ckpt = {
                     "arch": args.arch, "method": args.method, "epoch": epoch + 1, "step": global_step,
-                    "config": resolved_config(args, info),
+                    "config": dict(resolved_config(args), world_size=info.world_size),
                     "student": method.student.state_dict(),
                     "slow_student": method.slow_student_state_dict(),
                     "method_state": method.state_dict(),

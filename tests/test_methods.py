@@ -140,8 +140,12 @@ def test_teacher_eval_no_grad_for_every_teacher_method():
 def test_to_moves_the_unregistered_teacher():
     m = build("cocord").to(torch.float64)
     assert next(m.teacher.parameters()).dtype == torch.float64
-    assert m._slow_src[0].dtype == torch.float64  # EMA pairs follow the converted parameters
-    m([X.double()] * 3, Y, IDX)
+    with torch.no_grad():
+        m.student.conv1.weight.add_(1.0)
+    slow_before = m.slow.conv1.weight.clone()
+    m([X.double()] * 3, Y, IDX)  # EMA pairs follow the converted parameters
+    torch.testing.assert_close(m.slow.conv1.weight, slow_before + 0.1)
+    assert m.queue.dtype == torch.float64
 
 
 @pytest.mark.parametrize("name", ["kd", "crd+kd", "cocord+kd"])
@@ -151,3 +155,18 @@ def test_amp_bf16_losses_are_fp32_and_finite(name):
         _, losses = m([X + 0.1 * i for i in range(m.num_views)], Y, IDX)
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values()), losses
     sum(losses.values()).backward()
+
+
+def test_benchmark_prints_ratios_and_imagenet_memory(capsys):
+    import importlib.util
+    from conftest import REPO
+    spec = importlib.util.spec_from_file_location("benchmark_distill", REPO / "tools" / "benchmark_distill.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["-a", "resnet18", "--teacher-arch", "resnet18", "-b", "2", "--image-size", "32", "--iters", "1",
+                "--warmup", "0", "--num-classes", "10", "--device", "cpu"])
+    out = capsys.readouterr().out
+    for row in ("supervised step", "KD step", "CoCoRD step", "unavoidable passes alone", "bookkeeping (cpu)"):
+        assert row in out, out
+    # default flags: K x 2048 fp32 queue vs 2 x N x 128 fp32 banks
+    assert "CoCoRD queue 128.0 MiB" in out and "CRD banks 1251.1 MiB" in out and "= 9.8x" in out, out

@@ -26,17 +26,24 @@ from distill.models import ARCHS, build_resnet, forward_features  # noqa: E402
 IMAGENET_TRAIN = 1281167
 
 
-def timed(fn, iters, warmup):
+def timed_rounds(fns, iters, warmup, sync):
+    """Median wall and process-CPU seconds of each fn, run round-robin so that load changes on a shared
+    machine hit every measurement alike. CPU time is the steadier figure on a busy CPU machine."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    wall = {k: [] for k in fns}
+    cpu = {k: [] for k in fns}
     for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for k, fn in fns.items():
+            sync()
+            w, c = time.perf_counter(), time.process_time()
+            fn()
+            sync()
+            wall[k].append(time.perf_counter() - w)
+            cpu[k].append(time.process_time() - c)
+    med = statistics.median
+    return {k: med(v) for k, v in wall.items()}, {k: med(v) for k, v in cpu.items()}
 
 
 def method_step(method, views, target, index):
@@ -58,7 +65,7 @@ def main(argv=None):
     p.add_argument("-b", "--batch-size", type=int, default=16)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--iters", type=int, default=5, help="timed iterations per measurement (median)")
+    p.add_argument("--iters", type=int, default=3, help="timed rounds (median)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_method_args(p)
@@ -79,10 +86,6 @@ def main(argv=None):
                             copy.deepcopy(teacher), len(labels), labels).to(dev).train()
 
     cocord = make("cocord")
-    t_cocord = timed(method_step(cocord, views, target, index), args.iters, args.warmup)
-    t_kd = timed(method_step(make("kd"), views[:1], target, index), args.iters, args.warmup)
-    t_sup = timed(method_step(make("supervised"), views[:1], target, index), args.iters, args.warmup)
-
     # the passes CoCoRD cannot avoid, alone
     s, t = copy.deepcopy(student).train(), copy.deepcopy(teacher).eval()
     slow = copy.deepcopy(student).train()
@@ -95,20 +98,27 @@ def main(argv=None):
             forward_features(slow, views[1])
         s.zero_grad(set_to_none=True)
         (forward_features(s, views[0])[1].sum() + forward_features(s, views[1])[0].sum()).backward()
-    t_pass = timed(passes, args.iters, args.warmup)
     opt = torch.optim.SGD(s.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    t_opt = timed(opt.step, args.iters, args.warmup)
 
-    book = t_cocord - t_pass
+    fns = {"supervised step (1 view)": method_step(make("supervised"), views[:1], target, index),
+           "KD step (1 view)": method_step(make("kd"), views[:1], target, index),
+           "CoCoRD step (3 views)": method_step(cocord, views, target, index),
+           "unavoidable passes alone (CoCoRD)": passes,
+           "student SGD step alone (not in passes)": opt.step}
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    wall, cpu = timed_rounds(fns, args.iters, args.warmup, sync)
+
     print(f"device {dev}, threads {torch.get_num_threads()}, student {args.arch}, teacher {args.teacher_arch}, "
-          f"batch {B}, {S}x{S} px, {C} classes, queue {args.queue_size}, median of {args.iters}")
-    print(f"{'step':<44}{'seconds':>10}{'x passes':>10}")
-    rows = [("supervised step (1 view)", t_sup), ("KD step (1 view)", t_kd), ("CoCoRD step (3 views)", t_cocord),
-            ("unavoidable passes alone (CoCoRD)", t_pass), ("  of which: student SGD step alone", t_opt)]
-    for name, v in rows:
-        print(f"{name:<44}{v:>10.4f}{v / t_pass:>10.3f}")
-    print(f"CoCoRD bookkeeping (step - passes): {book:.4f} s = {100 * book / t_pass:.1f}% of the passes "
-          f"({100 * (book - t_opt) / t_pass:.1f}% without the student's own SGD step); goal <= 10%")
+          f"batch {B}, {S}x{S} px, {C} classes, queue {args.queue_size}, median of {args.iters} interleaved rounds")
+    print(f"{'':<42}{'wall s':>9}{'x passes':>10}{'cpu s':>9}{'x passes':>10}")
+    ref_w, ref_c = wall["unavoidable passes alone (CoCoRD)"], cpu["unavoidable passes alone (CoCoRD)"]
+    for k in fns:
+        print(f"{k:<42}{wall[k]:>9.4f}{wall[k] / ref_w:>10.3f}{cpu[k]:>9.4f}{cpu[k] / ref_c:>10.3f}")
+    for clock, d, ref in (("wall", wall, ref_w), ("cpu", cpu, ref_c)):
+        book = d["CoCoRD step (3 views)"] - ref
+        own = book - d["student SGD step alone (not in passes)"]
+        print(f"CoCoRD bookkeeping ({clock}): step - passes = {book:.4f} s = {100 * book / ref:.1f}% of the passes "
+              f"({100 * own / ref:.1f}% without the student's own SGD step); goal <= 10%")
 
     # memory: real buffers at the flags given (defaults: K = 16384 x 2048 fp32; CRD 2 x N x 128 fp32)
     queue_bytes = sum(b.numel() * b.element_size() for n, b in cocord.named_buffers() if n.startswith("queue"))

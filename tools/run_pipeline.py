@@ -115,6 +115,11 @@ def validate_config(cfg, path):
     need(len(tc.get("opts") or []) % 2 == 0, "transfer.opts must be KEY VALUE pairs")
 
 
+def _words(values, mapping):
+    """Command-line words from a YAML list (numbers become strings), placeholders filled in."""
+    return [str(_subst(v, mapping)) for v in (values or [])]
+
+
 def _subst(value, mapping):
     if isinstance(value, str):
         for k, v in mapping.items():
@@ -280,6 +285,7 @@ class Pipeline:
         seed = int(cfg.get("seed", 0))
         mapping = {"data": self.data_dir, "out": out, "repo": REPO}
         stages = []
+        self.commands = {}  # stage name -> argv of a fresh (non-resumed) run, for --list and tests
 
         # 1. data
         data_cfg = cfg.get("data", {})
@@ -306,7 +312,7 @@ class Pipeline:
                                         "val/ ImageFolder trees (pass --imagenet DIR)")
             data_inputs = []
 
-        common = _subst(list(dc.get("common_args") or []), mapping)
+        common = _words(dc.get("common_args"), mapping)
         epochs = _flag_value(common, "--epochs")
         epochs_of = {}
 
@@ -326,6 +332,7 @@ class Pipeline:
 
         def add_distill(name, group, method, arch, extra, config_file, teacher_weights, inputs):
             folder, argv = distill_cmd(name, method, arch, extra, config_file, teacher_weights)
+            self.commands[name if group == "teacher" else f"distill:{name}"] = argv
             backbone = os.path.join(folder, "student_backbone.pth")
 
             def run(stage):
@@ -344,7 +351,7 @@ class Pipeline:
         teacher_weights = dc.get("teacher_weights") or ""
         if not teacher_weights:
             teacher_weights = add_distill("teacher", "teacher", "supervised", dc["teacher_arch"],
-                                          _subst(list(dc.get("teacher_args") or []), mapping),
+                                          _words(dc.get("teacher_args"), mapping),
                                           dc.get("teacher_config"), None, data_inputs)
             teacher_inputs = [teacher_weights]
         else:
@@ -356,7 +363,7 @@ class Pipeline:
         backbones = {}
         for m in dc["methods"]:
             name = m.replace("+", "_")
-            extra = _subst(list((dc.get("method_args") or {}).get(m) or []), mapping)
+            extra = _words((dc.get("method_args") or {}).get(m), mapping)
             cfg_file = (dc.get("method_configs") or {}).get(m)
             tw = None if m == "supervised" else teacher_weights
             backbones[name] = add_distill(name, "distill", m, dc["arch"], extra, cfg_file, tw,
@@ -371,10 +378,12 @@ class Pipeline:
             def check_pkl(pkl=pkl):
                 return (os.path.isfile(pkl), "converted" if os.path.isfile(pkl) else "not converted")
 
-            def run_convert(stage, backbone=backbone, pkl=pkl):
+            argv = [self.python, self._script("tools", "convert_to_d2.py"), backbone, pkl, "--check"]
+            self.commands[f"convert:{name}"] = argv
+
+            def run_convert(stage, argv=argv, pkl=pkl):
                 os.makedirs(os.path.dirname(pkl), exist_ok=True)
-                self._run_cmd(stage, [self.python, self._script("tools", "convert_to_d2.py"), backbone, pkl,
-                                      "--check"])
+                self._run_cmd(stage, argv)
             stages.append(Stage(f"convert:{name}", "convert", check_pkl, run_convert, inputs=[backbone],
                                 stamp=pkl))
 
@@ -383,13 +392,14 @@ class Pipeline:
         trials = int(tc["trials"])
         for ds, dcfg in tc["datasets"].items():
             config_file = dcfg["config"] if os.path.isabs(dcfg["config"]) else os.path.join(REPO, dcfg["config"])
-            opts = _subst(list(dcfg.get("opts") or []), mapping) + _subst(list(tc.get("opts") or []), mapping)
+            opts = _words(dcfg.get("opts"), mapping) + _words(tc.get("opts"), mapping)
             for init in inits:
                 folder = os.path.join(out, "transfer", ds, init)
                 pkl = weights.get(init, "")
                 argv = [self.python, self._script("transfer", "train_net.py"), "--config-file", config_file,
                         "--engine", tc["engine"], "--trials", str(trials),
-                        "OUTPUT_DIR", folder, "MODEL.WEIGHTS", pkl, "SEED", str(seed)] + [str(o) for o in opts]
+                        "OUTPUT_DIR", folder, "MODEL.WEIGHTS", pkl, "SEED", str(seed)] + opts
+                self.commands[f"transfer:{ds}:{init}"] = argv
 
                 def run_transfer(stage, argv=argv, folder=folder):
                     if any(os.path.isfile(os.path.join(trial_dir(folder, k, trials), "last_checkpoint"))

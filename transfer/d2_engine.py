@@ -270,9 +270,10 @@ def _to_d2_input(d):
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer + our evaluator, checkpointer and deterministic training stream; the trainer state
-    in checkpoints also holds the stream seed and the torch RNG states, so --resume continues exactly
-    (single process). `train()` returns the last eval results."""
+    """DefaultTrainer + our evaluator, checkpointer and deterministic training stream. The trainer state
+    in checkpoints also holds the optimizer (momentum; detectron2 0.6 does not save it), the AMP
+    scaler, the stream seed and the torch RNG states, so --resume continues exactly (single process;
+    with several processes only rank 0's RNG state is saved). `train()` returns the last eval results."""
 
     def __init__(self, cfg):
         self.loader_seed = cfg.SEED if cfg.SEED >= 0 else int.from_bytes(os.urandom(3), "little")
@@ -299,6 +300,7 @@ class Trainer(DefaultTrainer):
 
     def state_dict(self):
         ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()  # optimizer (+ AMP scaler): detectron2 0.6 omits it
         ret["loader_seed"] = int(self.loader_seed)
         ret["rng"] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -307,6 +309,8 @@ class Trainer(DefaultTrainer):
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
+        if "_trainer" in state:
+            self._trainer.load_state_dict(state["_trainer"])
         if "loader_seed" in state:
             self.loader_seed = int(state["loader_seed"])
         rng = state.get("rng") or {}

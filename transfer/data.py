@@ -4,7 +4,7 @@ Dataset dicts: {file_name, height, width, image_id, annotations: [{bbox [x0,y0,x
 bbox_mode 0, category_id (0-based contiguous), iscrowd}]}. VOC corners follow detectron2's
 pascal_voc.py: the XML's 1-based xmin/ymin get -1. Boxes reaching outside the image are clipped to it
 (detectron2's mapper does the same per iteration); boxes that are empty after clipping are dropped and
-counted in the log. Everything else malformed (bad XML, unknown class, missing file, size mismatch,
+counted in the log, as are VOC boxes written with xmax <= xmin or ymax <= ymin. Everything else malformed (bad XML, unknown class, missing file, size mismatch,
 unreadable image) raises naming the file.
 
 Names: detectron2's builtins (voc_2007_trainval, voc_2012_trainval, voc_2007_test, coco_2017_train,
@@ -201,6 +201,9 @@ def load_voc(dirname, split, class_names):
                 box = [float(bb.find(k).text) for k in ("xmin", "ymin", "xmax", "ymax")]
             except (AttributeError, TypeError, ValueError):
                 raise ValueError(f"{anno_file}: object {cls!r} has a missing or non-numeric <bndbox>") from None
+            if box[2] <= box[0] or box[3] <= box[1]:  # zero-area as written: a labelling slip
+                dropped += 1
+                continue
             box[0] -= 1.0  # 1-based pixel indices -> 0-based coordinates, as detectron2
             box[1] -= 1.0
             fixed = _clip_or_drop(box, w, h)
@@ -216,7 +219,7 @@ def load_voc(dirname, split, class_names):
 
 def _log_fixes(what, dropped, clipped):
     if dropped:
-        logger.warning(f"{what}: dropped {dropped} degenerate box(es) (empty after clipping to the image)")
+        logger.warning(f"{what}: dropped {dropped} degenerate box(es) (zero area as written, or empty after clipping to the image)")
     if clipped:
         logger.info(f"{what}: clipped {clipped} box(es) reaching outside their image")
 
@@ -275,7 +278,7 @@ def read_image(path, fmt="RGB"):
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im).convert("RGB")
-            arr = np.asarray(im)
+            arr = np.array(im)
     except Exception as e:
         raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
     if fmt == "BGR":

@@ -374,9 +374,9 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             step_time = time.perf_counter() - t_data
-            window["total_loss"].append(float(total))
+            window["total_loss"].append(float(total.detach()))
             for k, v in losses.items():
-                window[k].append(float(v))
+                window[k].append(float(v.detach()))
             window["time"].append(step_time)
             window["data_time"].append(data_time)
 

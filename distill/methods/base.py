@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from distill.models import forward_features
+
 
 def fp32_region(device_type):
     """Disable autocast: normalisations, logits and losses are computed in fp32 whatever the AMP mode."""
@@ -63,7 +65,6 @@ class Method(nn.Module):
 
     @torch.no_grad()
     def teacher_forward(self, x):
-        from distill.models import forward_features
         return forward_features(self.teacher, x)  # ([B, d_t], [B, C_t])
 
     # --- interface --------------------------------------------------------------------------------

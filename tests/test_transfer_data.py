@@ -1,0 +1,195 @@
+"""transfer/data.py: VOC/COCO loading in detectron2's format, clear errors, augmentation, batching.
+
+Also home of `make_shapes_voc`, the small VOC-layout dataset other transfer tests write themselves."""
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from transfer import data as tdata
+from transfer.config import get_cfg, load_config
+
+SHAPES = ("square", "circle", "triangle")
+
+
+def _xml(fileid, w, h, objects):
+    objs = "".join(
+        f"<object><name>{n}</name><difficult>{d}</difficult><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin>"
+        f"<xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>" for n, b, d in objects)
+    return (f"<annotation><filename>{fileid}.jpg</filename><size><width>{w}</width><height>{h}</height>"
+            f"<depth>3</depth></size>{objs}</annotation>")
+
+
+def make_shapes_voc(root, n_train=48, n_test=16, size=96, seed=0):
+    """VOC folder of `size`x`size` noisy canvases with 1-3 randomly coloured squares/circles/triangles.
+    Classes are shapes (colour is random), so a detector has to learn shape features. Splits train, test."""
+    rng = np.random.RandomState(seed)
+    for d in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        os.makedirs(os.path.join(root, d), exist_ok=True)
+    splits = {"train": [], "test": []}
+    for i in range(n_train + n_test):
+        fileid = f"{i:05d}"
+        bg = rng.randint(60, 140, size=(size, size, 3)).astype(np.uint8)
+        img = Image.fromarray(bg)
+        draw = ImageDraw.Draw(img)
+        objects, placed = [], []
+        for _ in range(rng.randint(1, 4)):
+            for _try in range(20):
+                s = rng.randint(size // 5, size // 2.5)
+                x0, y0 = rng.randint(0, size - s), rng.randint(0, size - s)
+                if all(x0 + s <= a or a + t <= x0 or y0 + s <= b or b + t <= y0 for a, b, t in placed):
+                    break
+            else:
+                continue
+            placed.append((x0, y0, s))
+            k = rng.randint(3)
+            color = tuple(int(c) for c in rng.randint(0, 256, 3))
+            x1, y1 = x0 + s - 1, y0 + s - 1
+            if k == 0:
+                draw.rectangle([x0, y0, x1, y1], fill=color)
+            elif k == 1:
+                draw.ellipse([x0, y0, x1, y1], fill=color)
+            else:
+                draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill=color)
+            objects.append((SHAPES[k], (x0 + 1, y0 + 1, x1 + 1, y1 + 1), 0))  # 1-based, inclusive
+        img.save(os.path.join(root, "JPEGImages", fileid + ".jpg"), quality=95)
+        with open(os.path.join(root, "Annotations", fileid + ".xml"), "w") as f:
+            f.write(_xml(fileid, size, size, objects))
+        splits["train" if i < n_train else "test"].append(fileid)
+    for name, ids in splits.items():
+        with open(os.path.join(root, "ImageSets", "Main", name + ".txt"), "w") as f:
+            f.write("\n".join(ids) + "\n")
+    return root
+
+
+def register_opts(name, root, split, classes=SHAPES, year=2012):
+    return [f"DATASETS.REGISTER.{name}.TYPE", "voc", f"DATASETS.REGISTER.{name}.ROOT", str(root),
+            f"DATASETS.REGISTER.{name}.SPLIT", split, f"DATASETS.REGISTER.{name}.CLASSES", str(list(classes)),
+            f"DATASETS.REGISTER.{name}.YEAR", str(year)]
+
+
+def _tiny_voc(tmp_path, objects, fileid="a", w=40, h=30):
+    root = tmp_path / "voc"
+    for d in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (w, h), (10, 20, 30)).save(root / "JPEGImages" / f"{fileid}.jpg")
+    (root / "Annotations" / f"{fileid}.xml").write_text(_xml(fileid, w, h, objects))
+    (root / "ImageSets" / "Main" / "train.txt").write_text(fileid + "\n")
+    return root
+
+
+def _cfg(root, classes=SHAPES):
+    return load_config(None, register_opts("t", root, "train", classes) + ["MODEL.DEVICE", "cpu"],
+                       validate_cfg=False)
+
+
+def test_voc_loader_matches_detectron2_conventions(tmp_path, caplog):
+    root = _tiny_voc(tmp_path, [("circle", (1, 1, 10, 20), 0), ("square", (5, 5, 5, 9), 0),  # degenerate
+                                ("triangle", (30, 2, 45, 12), 1)])  # reaches outside: clipped to 40
+    with caplog.at_level(logging.INFO, logger="transfer.data"):
+        dicts = tdata.get_dataset_dicts("t", _cfg(root))
+    assert len(dicts) == 1
+    d = dicts[0]
+    assert (d["image_id"], d["height"], d["width"]) == ("a", 30, 40)
+    assert d["file_name"] == str(root / "JPEGImages" / "a.jpg")
+    annos = d["annotations"]
+    assert [a["category_id"] for a in annos] == [1, 2]
+    assert annos[0]["bbox"] == [0.0, 0.0, 10.0, 20.0]  # xmin/ymin - 1, as detectron2
+    assert annos[1]["bbox"] == [29.0, 1.0, 40.0, 12.0]
+    assert all(a["bbox_mode"] == 0 and a["iscrowd"] == 0 for a in annos)
+    assert "dropped 1 degenerate box" in caplog.text
+    meta = tdata.get_metadata("t", _cfg(root))
+    assert meta["evaluator_type"] == "pascal_voc" and meta["split"] == "train" and meta["year"] == 2012
+    assert meta["thing_classes"] == list(SHAPES)
+
+
+def test_voc_bad_inputs_name_the_file(tmp_path):
+    root = _tiny_voc(tmp_path, [("dog", (1, 1, 10, 10), 0)])
+    with pytest.raises(ValueError, match=r"a\.xml.*unknown class 'dog'"):
+        tdata.get_dataset_dicts("t", _cfg(root))
+    (root / "Annotations" / "a.xml").write_text("<annotation><size>")
+    with pytest.raises(ValueError, match=r"a\.xml: malformed XML"):
+        tdata.get_dataset_dicts("t", _cfg(root))
+    (root / "Annotations" / "a.xml").write_text(_xml("a", 40, 30, [("circle", (1, 1, "x", 5), 0)]))
+    with pytest.raises(ValueError, match=r"a\.xml.*non-numeric <bndbox>"):
+        tdata.get_dataset_dicts("t", _cfg(root))
+    (root / "JPEGImages" / "a.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match=r"a\.jpg not found"):
+        tdata.get_dataset_dicts("t", _cfg(root))
+    with pytest.raises(FileNotFoundError, match="expected .*nowhere"):
+        tdata.check_dataset_files("t", _cfg(tmp_path / "nowhere"))
+    with pytest.raises(KeyError, match="neither a builtin"):
+        tdata.get_metadata("nope", _cfg(root))
+
+
+def test_unreadable_image_and_size_mismatch_name_the_file(tmp_path):
+    root = _tiny_voc(tmp_path, [("circle", (1, 1, 10, 10), 0)])
+    d = tdata.get_dataset_dicts("t", _cfg(root))[0]
+    mapper = tdata.Mapper(_cfg(root), is_train=True)
+    bad = dict(d, width=41)
+    with pytest.raises(ValueError, match=r"a\.jpg: image is 40x30 but its annotation says 41x30"):
+        mapper(bad)
+    (root / "JPEGImages" / "a.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match=r"cannot read image .*a\.jpg"):
+        mapper(d)
+
+
+def test_builtin_names_resolve_under_detectron2_datasets(tmp_path, monkeypatch):
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
+    m = tdata.get_metadata("voc_2007_test")
+    assert m["dirname"] == str(tmp_path / "VOC2007") and m["split"] == "test" and m["year"] == 2007
+    assert len(m["thing_classes"]) == 20
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "VOC2012")):
+        tdata.check_dataset_files("voc_2012_trainval")
+    m = tdata.get_metadata("coco_2017_val")
+    assert m["json_file"] == str(tmp_path / "coco/annotations/instances_val2017.json")
+
+
+def test_coco_loader(shared):
+    root = shared("data", "coco_tiny")
+    cfg = load_config(None, ["DATASETS.REGISTER.c.TYPE", "coco", "DATASETS.REGISTER.c.IMAGE_ROOT",
+                             str(root / "train2017"), "DATASETS.REGISTER.c.JSON_FILE",
+                             str(root / "annotations" / "instances_train2017.json")], validate_cfg=False)
+    dicts = tdata.get_dataset_dicts("c", cfg)
+    meta = tdata.get_metadata("c", cfg)
+    assert len(dicts) == 50 and len(meta["thing_classes"]) == 80 and meta["evaluator_type"] == "coco"
+    annos = [a for d in dicts for a in d["annotations"]]
+    assert any(a["iscrowd"] for a in annos)
+    assert all(0 <= a["category_id"] < 80 and a["bbox"][2] > a["bbox"][0] for a in annos)
+    kept = tdata.filter_empty(dicts)
+    assert 0 < len(kept) < len(dicts)
+    assert all(any(not a["iscrowd"] for a in d["annotations"]) for d in kept)
+
+
+def test_resize_and_flip_follow_detectron2(tmp_path):
+    assert tdata.shortest_edge_size(480, 640, 800, 1333) == (800, 1067)
+    assert tdata.shortest_edge_size(100, 1000, 800, 1333) == (133, 1333)
+    root = _tiny_voc(tmp_path, [("circle", (1, 1, 10, 20), 0)])
+    d = tdata.get_dataset_dicts("t", _cfg(root))[0]
+    cfg = load_config(None, register_opts("t", root, "train") + ["INPUT.MIN_SIZE_TRAIN", "(60,)",
+                                                                  "INPUT.MAX_SIZE_TRAIN", "1000"],
+                      validate_cfg=False)
+    mapper = tdata.Mapper(cfg, is_train=True)
+    seen = set()
+    for s in range(20):
+        out = mapper(d, torch.Generator().manual_seed(s))
+        assert out["image"].shape == (3, 60, 80) and out["image"].dtype == torch.uint8
+        box = out["instances"]["boxes"][0].tolist()
+        seen.add(tuple(round(v, 3) for v in box))
+    assert seen == {(0.0, 0.0, 20.0, 40.0), (60.0, 0.0, 80.0, 40.0)}  # both flips happen
+
+
+def test_train_stream_is_deterministic_and_grouped():
+    dicts = [{"width": 10 if i % 3 else 5, "height": 8} for i in range(30)]
+    a = tdata.train_batch_indices(dicts, 4, 20, seed=3, aspect_grouping=True)
+    b = tdata.train_batch_indices(dicts, 4, 20, seed=3, aspect_grouping=True, start_iter=7)
+    assert a.shape == (20, 4) and np.array_equal(a[7:], b)
+    for row in a:  # every batch holds one aspect class
+        assert len({dicts[i]["width"] > dicts[i]["height"] for i in row}) == 1
+    c = tdata.train_batch_indices(dicts, 4, 20, seed=4, aspect_grouping=False)
+    assert not np.array_equal(a, c)
+    # the first epoch of the ungrouped stream is a permutation
+    assert sorted(c[:7].reshape(-1)[:28].tolist()) == sorted(set(c[:7].reshape(-1)[:28].tolist()))

@@ -1,0 +1,228 @@
+#!/usr/bin/env python
+"""Speed of the two transfer engines on the same config: seconds per training iteration and per
+evaluated image, torchvision engine vs detectron2 engine (when detectron2 is importable), printed
+side by side with their ratio (goal: torchvision / detectron2 <= 1).
+
+    python tools/benchmark_transfer.py                                   # small CPU config (BCCD, R18-FPN)
+    python tools/benchmark_transfer.py --config configs/voc_r50.yaml --synthetic MODEL.DEVICE cpu ...
+    python tools/benchmark_transfer.py --iters 20 --eval-images 20 SOLVER.IMS_PER_BATCH 2
+
+How it measures (the same way for both engines):
+  * training: each engine's own `run()` trains --iters iterations (no evaluation, no PreciseBN, no
+    periodic checkpoint) and reports the median step time (data loading + forward + backward +
+    optimizer step) in its metrics.json "time" field. detectron2's IterationTimer leaves out the first
+    3 steps; the torchvision engine's median covers every step (a bias against it, if any);
+  * evaluation: each engine's model (random init) and test-time input pipeline run over the first
+    --eval-images images of DATASETS.TEST[0], after one untimed warm-up image; wall time per image,
+    data loading included.
+`--synthetic` replaces the config's datasets by a small VOC folder of coloured rectangles written to a
+temporary directory (for machines without ../shared). Both engines run in this process one after the
+other; on a busy machine rerun with --repeat to see the spread.
+"""
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+DEFAULT_CONFIG = "configs/cpu/voc_bccd_r18_fpn.yaml"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", "--config-file", dest="config", default=DEFAULT_CONFIG,
+                   help=f"transfer config YAML (default: {DEFAULT_CONFIG})")
+    p.add_argument("--iters", type=int, default=6, help="training iterations per engine (default 6, at least 4)")
+    p.add_argument("--eval-images", type=int, default=4, help="timed test images per engine (default 4)")
+    p.add_argument("--engines", default="torchvision,detectron2",
+                   help="comma-separated subset of torchvision,detectron2 (default: both)")
+    p.add_argument("--repeat", type=int, default=1, help="measure each engine this many times, alternating")
+    p.add_argument("--synthetic", action="store_true",
+                   help="train/test on a generated VOC folder of rectangles instead of the config's datasets")
+    p.add_argument("--output-dir", default="", help="where runs write (default: a temporary directory)")
+    p.add_argument("--json", default="", help="also write the figures to this JSON file")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides, as for train_net.py")
+    a = p.parse_args(argv)
+    if a.iters < 4 or a.eval_images < 1 or a.repeat < 1:
+        p.error("--iters must be >= 4 (detectron2 times steps after its first 3), --eval-images >= 1 "
+                "and --repeat >= 1")
+    a.engines = [e.strip() for e in a.engines.split(",") if e.strip()]
+    bad = sorted(set(a.engines) - {"torchvision", "detectron2"})
+    if bad:
+        p.error(f"--engines: unknown engine(s) {bad}; choose from torchvision, detectron2")
+    if len(a.opts) % 2:
+        p.error(f"overrides must be KEY VALUE pairs, got {a.opts}")
+    return a
+
+
+def write_synthetic_voc(root, n_train=16, n_test=8, seed=0):
+    """Two classes of coloured rectangles on grey, 320x240, VOC layout; returns the config opts."""
+    from PIL import Image
+    for d in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    rng = np.random.RandomState(seed)
+    ids = []
+    for i in range(n_train + n_test):
+        img = np.full((240, 320, 3), 110, np.uint8)
+        objs = []
+        for _ in range(rng.randint(1, 5)):
+            cls = ("red", "blue")[rng.randint(2)]
+            x0, y0 = rng.randint(0, 260), rng.randint(0, 180)
+            x1, y1 = min(x0 + rng.randint(20, 120), 319), min(y0 + rng.randint(20, 120), 239)
+            img[y0:y1, x0:x1] = (220, 40, 40) if cls == "red" else (40, 40, 220)
+            objs.append((cls, x0 + 1, y0 + 1, x1, y1))
+        fid = f"{i:06d}"
+        ids.append(fid)
+        Image.fromarray(img).save(root / "JPEGImages" / f"{fid}.jpg")
+        body = "".join(f"<object><name>{c}</name><difficult>0</difficult><bndbox><xmin>{a}</xmin><ymin>{b}</ymin>"
+                       f"<xmax>{x}</xmax><ymax>{y}</ymax></bndbox></object>" for c, a, b, x, y in objs)
+        (root / "Annotations" / f"{fid}.xml").write_text(
+            f"<annotation><filename>{fid}.jpg</filename><size><width>320</width><height>240</height>"
+            f"<depth>3</depth></size>{body}</annotation>")
+    (root / "ImageSets/Main/train.txt").write_text("\n".join(ids[:n_train]) + "\n")
+    (root / "ImageSets/Main/test.txt").write_text("\n".join(ids[n_train:]) + "\n")
+    opts = []
+    for name, split in (("bench_train", "train"), ("bench_test", "test")):
+        for k, v in (("TYPE", "voc"), ("ROOT", str(root)), ("SPLIT", split), ("CLASSES", "['red', 'blue']")):
+            opts += [f"DATASETS.REGISTER.{name}.{k}", v]
+    return opts + ["DATASETS.TRAIN", "('bench_train',)", "DATASETS.TEST", "('bench_test',)",
+                   "MODEL.ROI_HEADS.NUM_CLASSES", "2"]
+
+
+def train_opts(iters, out):
+    """Training only: no evaluation, PreciseBN or intermediate checkpoint; metrics written at the end."""
+    return ["SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", f"({iters - 1},)", "SOLVER.CHECKPOINT_PERIOD",
+            str(10 ** 9), "TEST.EVAL_PERIOD", "0", "TEST.PRECISE_BN.ENABLED", "False", "DATASETS.TEST", "()",
+            "OUTPUT_DIR", str(out), "SEED", "0"]
+
+
+def median_step_time(out):
+    """The last metrics.json 'time' (each engine's median seconds per training step)."""
+    times = [json.loads(x)["time"] for x in (Path(out) / "metrics.json").read_text().splitlines()
+             if x.strip() and "time" in json.loads(x)]
+    if not times:
+        raise RuntimeError(f"{out}/metrics.json has no 'time' field; did training run?")
+    return float(times[-1])
+
+
+def _timed_loop(items, step):
+    """Seconds per item over `items` (an iterator), after one untimed warm-up item."""
+    it = iter(items)
+    step(next(it))
+    n, t0 = 0, time.perf_counter()
+    for x in it:
+        step(x)
+        n += 1
+    return (time.perf_counter() - t0) / max(n, 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# torchvision engine
+# ----------------------------------------------------------------------------------------------------
+def bench_torchvision(config, opts, iters, n_eval, out):
+    from transfer import data as tdata
+    from transfer import engine
+    from transfer.config import load_config
+    from transfer.modeling import build_model
+
+    cfg = load_config(config, opts + train_opts(iters, out))
+    engine.run(cfg, argparse.Namespace(eval_only=False, resume=False))
+    train = median_step_time(out)
+
+    cfg = load_config(config, opts + ["OUTPUT_DIR", str(out)])
+    device = engine.resolve_device(cfg)
+    name = cfg.DATASETS.TEST[0]
+    dicts = tdata.get_dataset_dicts(name, cfg)[: n_eval + 1]
+    model = build_model(cfg).to(device).eval()
+    loader = tdata.build_test_loader(cfg, dicts)
+    with torch.no_grad():
+        per_image = _timed_loop(loader, lambda batch: model(batch))
+    return train, per_image
+
+
+# ----------------------------------------------------------------------------------------------------
+# detectron2 engine
+# ----------------------------------------------------------------------------------------------------
+def bench_detectron2(config, opts, iters, n_eval, out):
+    from detectron2.data import DatasetMapper
+    from detectron2.modeling import build_model
+
+    from transfer import d2_engine
+
+    args = argparse.Namespace(config_file=config, num_gpus=1, num_machines=1, machine_rank=0, dist_url="auto",
+                              resume=False, eval_only=False, opts=[])
+    d2_engine.run(config, opts + train_opts(iters, out), args)
+    train = median_step_time(out)
+
+    cfg = d2_engine.load_d2_config(config, opts + ["OUTPUT_DIR", str(out)])
+    d2_engine.register_datasets(cfg)
+    from transfer import data as tdata
+    name = cfg.DATASETS.TEST[0]
+    dicts = tdata.get_dataset_dicts(name, cfg)[: n_eval + 1]
+    model = build_model(cfg).eval()
+    mapper = DatasetMapper(cfg, is_train=False)  # detectron2's test-time pipeline
+    with torch.no_grad():
+        per_image = _timed_loop((mapper(d) for d in dicts), lambda x: model([x]))
+    return train, per_image
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    os.chdir(REPO)  # configs name ../shared relative to the repository root
+    logging.disable(logging.INFO)  # the engines' logs would drown the table (errors still show)
+    tmp = tempfile.TemporaryDirectory(prefix="bench_transfer_")
+    base = Path(a.output_dir or tmp.name)
+    opts = list(a.opts)
+    if a.synthetic:
+        opts = write_synthetic_voc(base / "synthetic_voc") + opts
+    engines = list(a.engines)
+    if "detectron2" in engines:
+        try:
+            import detectron2  # noqa: F401
+        except ImportError:
+            print("detectron2 is not importable: timing the torchvision engine only", flush=True)
+            engines.remove("detectron2")
+    fns = {"torchvision": bench_torchvision, "detectron2": bench_detectron2}
+    results = {e: {"train_s_per_iter": [], "eval_s_per_image": []} for e in engines}
+    print(f"config {a.config}  +{' '.join(opts) if opts else ' no overrides'}\n"
+          f"{a.iters} training iterations and {a.eval_images} test images per engine, {a.repeat} repeat(s), "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    for r in range(a.repeat):
+        for e in (engines if r % 2 == 0 else engines[::-1]):
+            t0 = time.perf_counter()
+            train, per_image = fns[e](a.config, opts, a.iters, a.eval_images, base / f"{e}_{r}")
+            results[e]["train_s_per_iter"].append(train)
+            results[e]["eval_s_per_image"].append(per_image)
+            print(f"  [{e}] run {r}: train {train:.3f} s/iter, eval {per_image:.3f} s/image "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    med = {e: {k: statistics.median(v) for k, v in d.items()} for e, d in results.items()}
+    print(f"\n{'engine':<14}{'train s/iter':>14}{'eval s/image':>14}")
+    for e in engines:
+        print(f"{e:<14}{med[e]['train_s_per_iter']:>14.3f}{med[e]['eval_s_per_image']:>14.3f}")
+    ratios = {}
+    if "torchvision" in med and "detectron2" in med:
+        ratios = {k: med["torchvision"][k] / med["detectron2"][k] for k in ("train_s_per_iter", "eval_s_per_image")}
+        print(f"{'tv / d2':<14}{ratios['train_s_per_iter']:>14.2f}{ratios['eval_s_per_image']:>14.2f}"
+              "   (<= 1: the torchvision engine is no slower)")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"config": a.config, "opts": opts, "iters": a.iters,
+                                            "eval_images": a.eval_images, "runs": results, "median": med,
+                                            "ratio_tv_over_d2": ratios}, indent=2))
+    tmp.cleanup()
+    return med, ratios
+
+
+if __name__ == "__main__":
+    main()
