@@ -18,7 +18,8 @@ Per step, with views [x_s, x_s', x_t] of the same images:
   3. keys: k+ = normalize(proj_t(teacher(x_t))), slow(x_s), slow(x_s')  (no grad)
   4. losses (fp32): InfoNCE over [q.k+, q.queue] / tau (target 0), prediction loss
      mean of D(pred(z_s), slow(x_s')) and D(pred(z_s'), slow(x_s)), D = 2 - 2 cos, CE on x_s
-  5. enqueue the keys of all ranks (FIFO of K negatives, wrap-around, no K % B requirement)
+  5. enqueue the keys of all ranks (FIFO of K negatives, wrap-around, no K % B requirement); the write
+     itself is deferred to the next forward / state_dict() so that backward can use the queue uncopied
 """
 import copy
 
@@ -72,6 +73,13 @@ class CoCoRD(Method):
         # queue of K normalised teacher keys (negatives only) and its write pointer
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, proj_dim), dim=1))  # [K, P]
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        # This step's loss reads the queue and backward needs it unchanged, so instead of copying K x P
+        # floats every step, the (already gathered) keys wait here and are written at the start of the
+        # next forward, or when state_dict() is taken: every loss sees exactly the queue that a write
+        # right after the loss would give. Writing is local (no collective), so rank-0-only saves are safe.
+        self._pending_keys = None
+        self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.flush_queue())
+        self.register_load_state_dict_pre_hook(lambda module, *args: setattr(module, "_pending_keys", None))
 
     # --- EMA ----------------------------------------------------------------------------------------
     def _ema_pairs(self):
@@ -91,22 +99,28 @@ class CoCoRD(Method):
     def _momentum_update(self):
         """ema = m * ema + (1 - m) * source, for the slow student and (when it is an EMA) proj_t."""
         for ema, src, m in self._ema_pairs():
-            torch._foreach_mul_(ema, m)
-            torch._foreach_add_(ema, src, alpha=1.0 - m)
+            torch._foreach_lerp_(ema, src, 1.0 - m)  # one fused pass: ema + (1 - m) * (src - ema)
 
     # --- queue --------------------------------------------------------------------------------------
+    def flush_queue(self):
+        """Write the keys of the last step into the queue (see __init__); read the queue after this."""
+        if self._pending_keys is not None:
+            keys, self._pending_keys = self._pending_keys, None
+            self._dequeue_and_enqueue(keys)
+
     @torch.no_grad()
     def _dequeue_and_enqueue(self, keys):
         """FIFO write of keys [N, P] at the pointer, wrapping around; no host sync (pointer stays on device)."""
         K, n = self.queue.shape[0], keys.shape[0]
         first = max(0, n - K)  # more keys than slots: only the last K survive a sequential write
-        pos = (self.queue_ptr + torch.arange(first, n, device=keys.device)) % K  # [min(N, K)]
-        self.queue.index_copy_(0, pos, keys[first:].to(self.queue.dtype))
+        pos = (self.queue_ptr + torch.arange(first, n, device=self.queue.device)) % K  # [min(N, K)]
+        self.queue.index_copy_(0, pos, keys[first:].to(self.queue.device, self.queue.dtype))
         self.queue_ptr.add_(n).remainder_(K)
 
     # --- forward ------------------------------------------------------------------------------------
     def forward(self, views, target, index):
         self._check_views(views)
+        self.flush_queue()  # the previous step's keys (its backward is done)
         x_s, x_s2, x_t = views
 
         # 1. student, two views (with grad)
@@ -131,8 +145,7 @@ class CoCoRD(Method):
             q = F.normalize(fp32(z_s), dim=1)                                    # [B, P]
             k = F.normalize(fp32(k), dim=1)                                      # [B, P]
             l_pos = (q * k).sum(dim=1, keepdim=True)                             # [B, 1]
-            # a copy: the queue is overwritten below, before backward needs it
-            l_neg = q @ self.queue.to(q.dtype, copy=True).t()                    # [B, K]
+            l_neg = q @ self.queue.to(q.dtype).t()                               # [B, K]
             logits_con = torch.cat([l_pos, l_neg], dim=1) / self.tau             # [B, 1+K]
             zeros = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
             loss_con = F.cross_entropy(logits_con, zeros)
@@ -144,8 +157,8 @@ class CoCoRD(Method):
             if self.w_kd:
                 losses["kd"] = self.w_kd * kd_loss(logits, logits_t, self.kd_T)
 
-        # 5. enqueue every rank's keys, so all ranks hold the same queue
-        self._dequeue_and_enqueue(self.gather(k) if self.gather is not None else k)
+        # 5. enqueue every rank's keys, so all ranks hold the same queue (written by the next flush_queue)
+        self._pending_keys = self.gather(k) if self.gather is not None else k.detach()
         return logits, losses
 
     def slow_student_state_dict(self):

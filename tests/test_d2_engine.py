@@ -3,7 +3,6 @@ config (configs/voc_r50.yaml, shrunk by KEY VALUE opts) trains and evaluates a f
 folder the test writes; exact resume; --eval-only; converted weights; bad inputs."""
 import argparse
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -190,3 +189,19 @@ def test_bad_inputs_are_reported_before_building_anything(tmp_path):
     with pytest.raises(ValueError, match="SOLVER.STEPS"):
         d2_engine.run(CONFIG, tiny_opts(voc, out, **{"SOLVER.STEPS": "(3,)"}), args())
     assert not (out / "model_final.pth").exists()
+
+
+def test_converted_r18_loads_into_the_cpu_fpn_config(tmp_path):
+    """TRANSFER's CPU config (R18-FPN, basic blocks) under detectron2: the converted trunk fills bottom_up."""
+    import torchvision
+    from detectron2.modeling import build_model
+    from transfer.d2_format import save_d2_file, torchvision_to_d2
+
+    tv = torchvision.models.resnet18()
+    pkl = tmp_path / "r18.pkl"
+    save_d2_file(torchvision_to_d2(tv.state_dict()).model, pkl)
+    cfg = d2_engine.load_d2_config(str(REPO / "configs" / "cpu" / "voc_bccd_r18_fpn.yaml"), ["MODEL.DEVICE", "cpu"])
+    model = build_model(cfg)
+    d2_engine.Checkpointer(model).load(str(pkl))
+    assert torch.equal(model.backbone.bottom_up.stem.conv1.weight, tv.conv1.weight)
+    assert torch.equal(model.backbone.bottom_up.res5[1].conv2.weight, tv.layer4[1].conv2.weight)

@@ -95,7 +95,7 @@ def test_losses_ema_and_keys_match_independent_computation():
             torch.testing.assert_close(a[1], b[1], msg=a[0], rtol=1e-5, atol=1e-6)
     # the slow student's BN buffers are its own (EMA touches parameters only)
     assert not torch.allclose(m.slow.bn1.running_mean, m.student.bn1.running_mean)
-    # the keys went into the queue, at the pointer
+    # the keys went into the queue (state_dict() above wrote them), at the pointer
     torch.testing.assert_close(m.queue[:B], k, rtol=1e-5, atol=1e-6)
     assert int(m.queue_ptr) == B
     # order: keys computed before the EMA give a different contrastive loss (so the test above has teeth)
@@ -164,6 +164,8 @@ def test_gathered_keys_are_enqueued_in_rank_order():
     views, target, index = batch()
     m(views, target, index)
     ref(views, target, index)                        # same computation, single process
+    m.flush_queue()
+    ref.flush_queue()
     local = ref.queue[:B]
     # 2B = 8 keys [local(4), other(4)] written FIFO into K = 5 slots from pointer 0: slots 0-2 end up with
     # keys 5-7 (other[1:]), slot 3 with key 3 (local[3]), slot 4 with key 4 (other[0])
@@ -198,7 +200,9 @@ def test_state_dict_round_trip_restores_exact_state():
     fresh = make()
     with torch.no_grad():
         fresh.queue.normal_()
+    fresh(*batch(5))                                 # leaves keys pending: loading must drop them
     fresh.load_state_dict(state)
+    assert fresh._pending_keys is None
     fresh.teacher.load_state_dict(m.teacher.state_dict())
     assert torch.equal(fresh.queue, m.queue) and torch.equal(fresh.queue_ptr, m.queue_ptr)
     _, a = m(*batch(3))

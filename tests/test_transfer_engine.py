@@ -39,7 +39,7 @@ def tiny_opts(root, out, max_iter, **over):
         "MODEL.RPN.PRE_NMS_TOPK_TEST": "200", "MODEL.RPN.POST_NMS_TOPK_TEST": "50",
         "INPUT.MIN_SIZE_TRAIN": "(80, 96)", "INPUT.MAX_SIZE_TRAIN": "160", "INPUT.MIN_SIZE_TEST": "96",
         "INPUT.MAX_SIZE_TEST": "160", "DATALOADER.NUM_WORKERS": "0", "SOLVER.IMS_PER_BATCH": "2",
-        "SOLVER.BASE_LR": "0.01", "SOLVER.MAX_ITER": str(max_iter), "SOLVER.STEPS": "(1000,)",
+        "SOLVER.BASE_LR": "0.004", "SOLVER.MAX_ITER": str(max_iter), "SOLVER.STEPS": "(1000,)",
         "SOLVER.WARMUP_ITERS": "5", "SOLVER.CHECKPOINT_PERIOD": "1000", "TEST.PRECISE_BN.NUM_ITER": "2",
         "SEED": "1", "OUTPUT_DIR": str(out), "MODEL.WEIGHTS": "",
     }
@@ -70,12 +70,14 @@ def test_training_writes_detectron2_outputs_and_loss_falls(shapes, tmp_path):
     rows = read_metrics(out)
     train = [r for r in rows if "total_loss" in r]
     assert [r["iteration"] for r in train] == [19, 39, 59, 79]
-    assert train[-1]["total_loss"] < train[0]["total_loss"]
+    # From random init the RoI losses first *rise* (the RPN starts to deliver foreground proposals),
+    # so the falling loss checked here is the RPN's; AP gains are checked in test_pretrained_beats_scratch.
+    assert train[-1]["loss_rpn_cls"] < 0.5 * train[0]["loss_rpn_cls"]
     assert {"loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "lr", "time"} <= set(train[0])
     ev = [r for r in rows if "bbox/AP" in r]
     assert len(ev) == 1 and ev[0]["iteration"] == 79
     assert res == {k: v for k, v in ev[0].items() if k != "iteration"}
-    assert 0.0 <= res["bbox/AP50"] <= 100.0 and res["bbox/AP"] <= res["bbox/AP50"]
+    assert 0.0 < res["bbox/AP50"] <= 100.0 and res["bbox/AP"] <= res["bbox/AP50"]  # it detects something
     ck = torch.load(out / "model_final.pth", weights_only=True)
     assert ck["iteration"] == 79 and ck["seed"] == 1
     cfg_text = (out / "config.yaml").read_text()
@@ -162,3 +164,65 @@ def test_shared_datasets_smoke(shared, tmp_path, which):
     train = [r for r in read_metrics(out) if "total_loss" in r]
     assert train[-1]["total_loss"] < train[0]["total_loss"]
     assert set(res) >= {"bbox/AP", "bbox/AP50", "bbox/AP75"}
+
+
+def _shape_batch(rng, n, size=40):
+    """Classification crops of the detection task's shapes (random colours on noise): [n,3,size,size], labels."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+    xs, ys = [], []
+    for _ in range(n):
+        img = Image.fromarray(rng.randint(60, 140, size=(size, size, 3)).astype(np.uint8))
+        d = ImageDraw.Draw(img)
+        s = rng.randint(size // 2, size - 4)
+        x0, y0 = rng.randint(0, size - s), rng.randint(0, size - s)
+        k = rng.randint(3)
+        c = tuple(int(v) for v in rng.randint(0, 256, 3))
+        box = [x0, y0, x0 + s - 1, y0 + s - 1]
+        if k == 0:
+            d.rectangle(box, fill=c)
+        elif k == 1:
+            d.ellipse(box, fill=c)
+        else:
+            d.polygon([(x0, y0 + s - 1), (x0 + s - 1, y0 + s - 1), (x0 + (s - 1) / 2, y0)], fill=c)
+        xs.append(torch.from_numpy(np.array(img)).permute(2, 0, 1))
+        ys.append(k)
+    return torch.stack(xs), torch.tensor(ys)
+
+
+@pytest.mark.slow
+def test_pretrained_backbone_beats_scratch(shapes, tmp_path):
+    """A ResNet-18 pretrained for 150 steps on shape classification, converted to detectron2 format
+    by the converter, gives clearly higher AP than random init after the same short fine-tuning."""
+    import numpy as np
+    import torchvision
+    from transfer.d2_format import save_d2_file, torchvision_to_d2
+
+    torch.manual_seed(0)
+    rng = np.random.RandomState(0)
+    net = torchvision.models.resnet18(num_classes=3)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    mean = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
+    std = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
+    net.train()
+    for step in range(150):
+        x, y = _shape_batch(rng, 32)
+        loss = torch.nn.functional.cross_entropy(net((x.float() - mean) / std), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    with torch.no_grad():
+        x, y = _shape_batch(np.random.RandomState(1), 200)
+        acc = (net((x.float() - mean) / std).argmax(1) == y).float().mean().item()
+    assert acc > 0.8, f"pretraining did not learn the shapes (accuracy {acc:.2f})"
+    pkl = tmp_path / "r18.pkl"
+    save_d2_file(torchvision_to_d2(net.state_dict()).model, pkl)
+
+    results = {}
+    for name, weights in (("pretrained", str(pkl)), ("scratch", "")):
+        results[name] = run(tiny_opts(shapes, tmp_path / name, 100, MODEL__WEIGHTS=weights,
+                                      TEST__PRECISE_BN__ENABLED=False))
+    assert "initialising the ResNet from" in (tmp_path / "pretrained" / "log.txt").read_text()
+    assert results["pretrained"]["bbox/AP50"] > results["scratch"]["bbox/AP50"] + 10, results
+    assert results["pretrained"]["bbox/AP"] > results["scratch"]["bbox/AP"], results

@@ -68,10 +68,14 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=3, help="timed rounds (median)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads (0: torch's default); 1 gives steadier ratios on a busy machine")
     add_method_args(p)
     args = p.parse_args(argv)
 
     dev = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     B, S, C = args.batch_size, args.image_size, args.num_classes
     views = [torch.randn(B, 3, S, S, device=dev) for _ in range(3)]

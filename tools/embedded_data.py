@@ -56,10 +56,10 @@ class EmbeddedSpec:
     cls_train_per_class: int = 250
     cls_val_per_class: int = 50
     # the remaining digits of each class are split between the VOC and the COCO scenes
-    voc: SceneSpec = SceneSpec(canvas=128, min_objects=1, max_objects=3, min_scale=28, max_scale=56,
-                               num_train=240, num_test=100)
-    coco: SceneSpec = SceneSpec(canvas=160, min_objects=2, max_objects=4, min_scale=20, max_scale=48,
-                                num_train=160, num_test=80)
+    voc: SceneSpec = SceneSpec(canvas=112, min_objects=1, max_objects=3, min_scale=24, max_scale=48,
+                               num_train=160, num_test=60)
+    coco: SceneSpec = SceneSpec(canvas=128, min_objects=2, max_objects=4, min_scale=20, max_scale=44,
+                                num_train=160, num_test=50)
 
     def to_dict(self):
         return dataclasses.asdict(self)

@@ -77,9 +77,22 @@ def detection_result(folder, trials):
     return out
 
 
+def _nan_to_none(x):
+    """Strict JSON: NaN (no detections) becomes null."""
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_nan_to_none(v) for v in x]
+    return x
+
+
 def _fmt_ms(d, trials):
     if d is None:
         return "—"
+    if math.isnan(d["mean"]):
+        return "n/a"
     return f"{d['mean']:.1f} ± {d['std']:.1f}" if trials > 1 else f"{d['mean']:.1f}"
 
 
@@ -231,7 +244,7 @@ def write_report(out, desc, log=print):
     results["timings_s"] = timings
     results["plots"] = {k: os.path.relpath(v, out) for k, v in plots.items()}
     with open(os.path.join(out, "results.json.tmp"), "w") as f:
-        json.dump(results, f, indent=1)
+        json.dump(_nan_to_none(results), f, indent=1, allow_nan=False)
     os.replace(os.path.join(out, "results.json.tmp"), os.path.join(out, "results.json"))
 
     # ---- report.md
@@ -262,7 +275,8 @@ def write_report(out, desc, log=print):
     L += ["", "Top-1/Top-5: the distillation run's final-epoch validation accuracy (`metrics.jsonl`). "
           "AP/AP50/AP75: the final evaluation of each trial (`trial{k}/metrics.json`): VOC metric "
           "for VOC-format data, COCO metric (pycocotools) for COCO-format data. "
-          "The teacher row is not fine-tuned (different architecture). Every number and its source "
+          "n/a: the evaluator returned NaN (a model with no detections at all, as detectron2's "
+          "COCO evaluator reports it). The teacher row is not fine-tuned. Every number and its source "
           "file are in `results.json`.", ""]
     L += ["## Plots", "", f"![AP per initialisation]({results['plots']['ap']})", "",
           f"![Distillation curves]({results['plots']['distill']})", ""]
@@ -276,7 +290,7 @@ def write_report(out, desc, log=print):
             rand = det_rows["random"]["detection"][ds]["AP"]["mean"]
             others = [(ROW_LABELS.get(i, i), r["detection"][ds]["AP"]["mean"]) for i, r in det_rows.items()
                       if i != "random"]
-            beat = [n for n, ap in others if ap > rand]
+            beat = [n for n, ap in others if ap > rand or (math.isnan(rand) and not math.isnan(ap))]
             L.append(f"- {ds}: random init AP {rand:.1f}; "
                      + ", ".join(f"{n} {ap:.1f}" for n, ap in others)
                      + f" — {len(beat)}/{len(others)} pre-trained backbones beat random init.")

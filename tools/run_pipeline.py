@@ -23,11 +23,13 @@ import argparse
 import copy
 import json
 import os
+import queue
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import yaml
@@ -232,9 +234,12 @@ class Stage:
 
 
 class Pipeline:
-    def __init__(self, cfg, cfg_path, out, python=sys.executable, log=print, stream=True):
+    def __init__(self, cfg, cfg_path, out, python=sys.executable, log=print, stream=True, jobs=1, threads=None):
         self.cfg, self.cfg_path, self.out = cfg, cfg_path, os.path.abspath(out)
         self.python, self.log, self.stream = python, log, stream
+        self.jobs, self.threads = jobs, threads
+        self._procs, self._lock = [], threading.Lock()
+        self.runs_path = os.path.join(self.out, "runs.json")
         self.data_dir = os.path.join(self.out, "data")
         self.timings_path = os.path.join(self.out, "timings.json")
         self.stages = self._build()
@@ -249,32 +254,34 @@ class Pipeline:
         full_env = dict(os.environ)
         full_env["PYTHONPATH"] = REPO + os.pathsep + full_env.get("PYTHONPATH", "")
         full_env["PYTHONUNBUFFERED"] = "1"
+        if self.threads:
+            # one OpenMP/MKL pool per stage: pools larger than the free cores spin and crawl
+            full_env["OMP_NUM_THREADS"] = full_env["MKL_NUM_THREADS"] = str(self.threads)
         full_env.update(env or {})
+        prefix = f"    [{stage.name}] | " if self.jobs > 1 else "    | "
         with open(log_path, "a") as logf:
             logf.write(f"\n$ {' '.join(_quote(a) for a in argv)}\n")
             logf.flush()
             proc = subprocess.Popen(argv, cwd=REPO, env=full_env, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                    start_new_session=True)
+                                    start_new_session=True)  # its own group: we stop it and its workers
+            with self._lock:
+                self._procs.append(proc)
             tail = []
             try:
                 for line in proc.stdout:
                     logf.write(line)
                     tail = (tail + [line.rstrip()])[-25:]
                     if self.stream:
-                        self.log(f"    | {line.rstrip()}")
+                        self.log(prefix + line.rstrip())
                 rc = proc.wait()
-            except BaseException:
-                # Ctrl-C / kill: stop our own child, leave its checkpoints for the resume
-                if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                    try:
-                        proc.wait(timeout=30)
-                    except subprocess.TimeoutExpired:
-                        os.killpg(proc.pid, signal.SIGKILL)
-                raise
+            finally:
+                with self._lock:
+                    self._procs.remove(proc)
         if rc != 0:
             shown = "\n".join(tail) if not self.stream else "(output above)"
+            if rc < 0:
+                raise StageFailed(f"stage {stage.name} was stopped (signal {-rc}); log: {log_path}")
             raise StageFailed(f"stage {stage.name} failed (exit code {rc}); command:\n  "
                               f"{' '.join(_quote(a) for a in argv)}\nfull log: {log_path}\n{shown}")
 
@@ -455,43 +462,114 @@ class Pipeline:
         return chosen
 
     def run(self, only=None, from_stage=None, force=False, stop_after=None):
+        """Run the selected stages; up to `jobs` at once when their inputs allow (each stage waits
+        for the stages producing its inputs). Completeness is checked when a stage's turn comes."""
+        jobs = self.jobs
         chosen = self.select(only, from_stage)
+        if stop_after:
+            last = [i for i, s in enumerate(chosen) if stop_after in (s.name, s.group)]
+            if not last:
+                raise ValueError(f"--stop-after {stop_after}: not among the selected stages "
+                                 f"{[s.name for s in chosen]}")
+            chosen = chosen[:last[-1] + 1]
+        names = {s.name for s in chosen}
+        for s in chosen:
+            s.deps = names - {s.name} if s.group == "report" else \
+                {self._producer(p) for p in s.inputs} & names
+            s.index = chosen.index(s) + 1
         timings = _load_json(self.timings_path, {})
-        total = len(chosen)
-        t_all = time.time()
-        self.log(f"pipeline: {total} stages, output in {self.out}")
-        for n, stage in enumerate(chosen, 1):
-            complete, reason = stage.status()
-            head = f"[{n}/{total}] {stage.name}"
-            if complete and not force:
-                self.log(f"{head}: skipped, complete ({reason})")
-                continue
-            if force and stage.out_dir and os.path.isdir(stage.out_dir):
-                prev = stage.out_dir.rstrip("/") + ".prev"
-                shutil.rmtree(prev, ignore_errors=True)
-                os.replace(stage.out_dir, prev)  # keep the last result next to it, never merge two runs
-                self.log(f"{head}: --force: moved the previous output to {prev}")
-            missing = [p for p in stage.inputs if not os.path.exists(p)]
-            if missing:
-                producer = self._producer(missing[0])
-                raise StageFailed(f"{stage.name} needs {missing[0]}, which does not exist; run stage "
-                                  f"'{producer}' first (drop --only/--from-stage, or add it to --only)")
-            self.log(f"{head}: running ({reason})  [elapsed {_fmt(time.time() - t_all)}]")
+        total, t_all = len(chosen), time.time()
+        self.log(f"pipeline: {total} stages, up to {jobs} at a time, output in {self.out}")
+        pending, running, finished = list(chosen), {}, set()
+        done_q = queue.Queue()
+        failure = None
+
+        def worker(stage):
             t0 = time.time()
-            stage.run(stage)
-            dt = time.time() - t0
-            if stage.group != "report":
-                ok, why = stage.status()
-                if not ok:
-                    raise StageFailed(f"stage {stage.name} exited cleanly but its outputs are incomplete: {why}")
-                timings[stage.name] = dt
-                _write_json(self.timings_path, timings)
-            self.log(f"{head}: done in {_fmt(dt)}")
-            if stop_after and stop_after in (stage.name, stage.group) and \
-                    not any(s.group == stop_after for s in chosen[n:]):
-                self.log(f"stopping after {stop_after} (--stop-after)")
-                break
-        self.log(f"pipeline finished in {_fmt(time.time() - t_all)}")
+            try:
+                stage.run(stage)
+                if stage.group != "report":
+                    ok, why = stage.status()
+                    if not ok:
+                        raise StageFailed(f"stage {stage.name} exited cleanly but its outputs are incomplete: {why}")
+                done_q.put((stage, None, time.time() - t0))
+            except BaseException as e:  # reported to the main thread, which decides
+                done_q.put((stage, e, time.time() - t0))
+
+        try:
+            while pending or running:
+                for stage in list(pending):
+                    if failure is not None or len(running) >= jobs:
+                        break
+                    if not stage.deps <= finished:
+                        if jobs == 1:
+                            break  # keep the listed order when running one at a time
+                        continue
+                    pending.remove(stage)
+                    head = f"[{stage.index}/{total}] {stage.name}"
+                    complete, reason = stage.status()
+                    if complete and not force:
+                        self.log(f"{head}: skipped, complete ({reason})")
+                        finished.add(stage.name)
+                        continue
+                    if force and stage.out_dir and os.path.isdir(stage.out_dir):
+                        prev = stage.out_dir.rstrip("/") + ".prev"
+                        shutil.rmtree(prev, ignore_errors=True)
+                        os.replace(stage.out_dir, prev)  # keep the last result beside it, never merge two runs
+                        self.log(f"{head}: --force: moved the previous output to {prev}")
+                    missing = [p for p in stage.inputs if not os.path.exists(p)]
+                    if missing:
+                        failure = StageFailed(
+                            f"{stage.name} needs {missing[0]}, which does not exist; run stage "
+                            f"'{self._producer(missing[0])}' first (drop --only/--from-stage, or add it to --only)")
+                        break
+                    self.log(f"{head}: running ({reason})  [elapsed {_fmt(time.time() - t_all)}]")
+                    th = threading.Thread(target=worker, args=(stage,), daemon=True)
+                    running[stage.name] = th
+                    th.start()
+                if not running:
+                    if failure is not None or not pending:
+                        break
+                    if jobs > 1 and all(not s.deps <= finished for s in pending):
+                        raise StageFailed(f"stages {[s.name for s in pending]} wait for stages that did not run")
+                    continue
+                stage, err, dt = done_q.get()
+                running.pop(stage.name).join()
+                head = f"[{stage.index}/{total}] {stage.name}"
+                if err is not None:
+                    if failure is None:
+                        failure = err
+                    self._stop_children()  # the others resume from their checkpoints next time
+                    continue
+                finished.add(stage.name)
+                if stage.group != "report":
+                    timings[stage.name] = dt
+                    _write_json(self.timings_path, timings)
+                self.log(f"{head}: done in {_fmt(dt)}")
+        except BaseException:
+            self._stop_children()
+            raise
+        if failure is not None:
+            raise failure
+        wall = time.time() - t_all
+        runs = _load_json(self.runs_path, [])
+        runs.append({"finished": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_s": round(wall, 1), "jobs": jobs,
+                     "threads": self.threads or os.environ.get("OMP_NUM_THREADS"), "stages": total,
+                     "ran": sorted(n for n in finished if timings.get(n) is not None)})
+        _write_json(self.runs_path, runs)
+        self.log(f"pipeline finished in {_fmt(wall)}")
+
+    def _stop_children(self):
+        with self._lock:
+            procs = list(self._procs)
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
 
     def _producer(self, path):
         for s in self.stages:
@@ -547,10 +625,24 @@ def parse_args(argv=None):
     p.add_argument("--trials", type=int, default=None, help="override transfer.trials")
     p.add_argument("--cocord-kd", action="store_true", help="also distil and transfer the cocord+kd student")
     p.add_argument("--list", action="store_true", help="print every stage and whether it is complete, then exit")
+    p.add_argument("--jobs", "-j", type=int, default=None,
+                   help="stages run at once when their inputs allow (default: 2 on the embedded data with "
+                        ">= 2 CPU cores, else 1; one GPU runs one stage at a time)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="OMP/MKL threads per stage process (default: CPU cores // jobs when jobs > 1, "
+                        "else the libraries' default)")
     p.add_argument("--quiet", action="store_true", help="show stage lines only (stage output still goes to logs/)")
     args = p.parse_args(argv)
     if args.imagenet and args.quick:
         p.error("--quick selects the embedded data; it cannot be combined with --imagenet")
+    for k in ("jobs", "threads"):
+        if getattr(args, k) is not None and getattr(args, k) < 1:
+            p.error(f"--{k} must be >= 1, got {getattr(args, k)}")
+    cores = os.cpu_count() or 1
+    if args.jobs is None:
+        args.jobs = 2 if cores >= 2 and not args.imagenet else 1
+    if args.threads is None and args.jobs > 1:
+        args.threads = max(1, cores // args.jobs)
     return args
 
 
@@ -574,7 +666,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         cfg, path = resolve_config(args)
-        pipe = Pipeline(cfg, path, args.output_dir, stream=not args.quiet)
+        pipe = Pipeline(cfg, path, args.output_dir, stream=not args.quiet, jobs=args.jobs, threads=args.threads)
         if args.list:
             for s in pipe.stages:
                 ok, why = s.status()

@@ -271,6 +271,12 @@ def merge_opts(cfg, opts):
                 reg[parts[2]] = CN()
             reg[parts[2]][parts[3]] = CN._decode_cfg_value(v)
             continue
+        node = cfg
+        for i, part in enumerate(parts):
+            if not isinstance(node, _FvCfgNode) or part not in node:
+                raise KeyError(f"command line: unknown config key '{k}' ('{'.'.join(parts[:i + 1])}' does not "
+                               f"exist); check its spelling against transfer/config.py")
+            node = node[part]
         plain += [k, v]
     try:
         cfg.merge_from_list(plain)

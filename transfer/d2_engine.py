@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import re
-import weakref
 
 import torch
 import yaml
@@ -369,6 +368,16 @@ def _last_eval_line(output_dir):
     return last
 
 
+def _reset_loggers():
+    for name in ("detectron2", "fvcore", "transfer"):
+        lg = logging.getLogger(name)
+        for h in list(lg.handlers):
+            lg.removeHandler(h)
+            h.close()
+    if hasattr(setup_logger, "cache_clear"):
+        setup_logger.cache_clear()
+
+
 def setup(cfg_path, opts, args):
     """Frozen detectron2 config, plus what detectron2's default_setup does (logger with log.txt,
     environment info, seed SEED + rank, config.yaml) and dataset registration."""
@@ -378,6 +387,7 @@ def setup(cfg_path, opts, args):
     out, rank = cfg.OUTPUT_DIR, comm.get_rank()
     if comm.is_main_process():
         os.makedirs(out, exist_ok=True)
+    _reset_loggers()  # a second run in this process (--trials) must not duplicate every log line
     setup_logger(out, distributed_rank=rank, name="fvcore")
     setup_logger(out, distributed_rank=rank, name="transfer", abbrev_name="transfer")
     log = setup_logger(out, distributed_rank=rank)
@@ -405,7 +415,7 @@ def _main(cfg_path, opts, args):
             cfg.MODEL.WEIGHTS, resume=getattr(args, "resume", False))
         iteration = ckpt.get("iteration", -1) if isinstance(ckpt, dict) else -1
         res = Trainer.test(cfg, model)
-        line = flatten_results(res, iteration + 1 if iteration >= 0 else 0)
+        line = flatten_results(res, iteration + 1 if iteration >= 0 else -1)  # -1: weights without an iteration
         if comm.is_main_process():
             _append_metrics_line(cfg.OUTPUT_DIR, line)
         return line

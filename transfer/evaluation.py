@@ -38,6 +38,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 VOC_IOU_THRESHOLDS = tuple(range(50, 100, 5))  # percent, as detectron2
+VOC_CHUNK = 8192  # detections per IoU block (bounds memory: chunk x max-GT-per-image x 4 floats)
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
@@ -145,7 +146,7 @@ def _round_text(x, fmt):
     return np.char.mod("%" + fmt, x.astype(np.float64)).astype(np.float64)
 
 
-def _voc_overlaps(det_boxes, det_img, gt_boxes, gt_img_start, gt_img_count, chunk=32768):
+def _voc_overlaps(det_boxes, det_img, gt_boxes, gt_img_start, gt_img_count, chunk):
     """For every detection: max IoU ("+1" convention) over the GT of its image and the global index of
     the first GT reaching it (-1 and -inf when the image has no GT of the class). Padded vectorisation:
     each detection is compared with up to max-GT-per-image boxes."""
@@ -274,7 +275,7 @@ def evaluate_voc(meta, predictions):
         sel = np.nonzero(det_classes == c)[0]  # keeps processing order, like detectron2's per-class lines
         order = np.argsort(-det_scores[sel])  # default quicksort, exactly as the port (tie order matters)
         sel = sel[order]
-        ovmax, gmax = _voc_overlaps(det_boxes[sel], det_img[sel], gt_boxes, gt_start, gt_count)
+        ovmax, gmax = _voc_overlaps(det_boxes[sel], det_img[sel], gt_boxes, gt_start, gt_count, VOC_CHUNK)
         for t, ap in zip(VOC_IOU_THRESHOLDS, _voc_class_ap(ovmax, gmax, gt_diff, npos, thresholds, use_07)):
             aps[t].append(ap * 100)
 

@@ -32,8 +32,8 @@ def nce_loss(P, n_data):
     """CRD's NCE loss on P [B, 1+K] (column 0 the positive) with noise distribution Pn = 1/n_data."""
     B, K = P.shape[0], P.shape[1] - 1
     mPn = K / float(n_data)
-    log_d1 = torch.log(P[:, 0] / (P[:, 0] + mPn + EPS))   # [B]
-    log_d0 = torch.log(mPn / (P[:, 1:] + mPn + EPS))       # [B, K]
+    log_d1 = torch.log(P[:, 0] / (P[:, 0] + mPn + EPS))                              # [B]
+    log_d0 = torch.log(mPn / (P[:, 1:] + mPn + EPS))                                 # [B, K]
     return -(log_d1.sum() + log_d0.sum()) / B
 
 
@@ -71,11 +71,11 @@ class CRD(Method):
         stdv = 1.0 / math.sqrt(feat_dim / 3)
         self.register_buffer("memory_s", torch.rand(N, feat_dim).mul_(2 * stdv).add_(-stdv))  # [N, D] student bank
         self.register_buffer("memory_t", torch.rand(N, feat_dim).mul_(2 * stdv).add_(-stdv))  # [N, D] teacher bank
-        self.register_buffer("Z", torch.full((2,), -1.0))  # [Z_s, Z_t]; < 0 = not set yet
+        self.register_buffer("Z", torch.full((2,), -1.0))                            # [Z_s, Z_t]; < 0 = not set yet
         # per-class index lists, as one class-sorted index array + offsets (derived from labels: not saved)
-        self.register_buffer("labels", labels, persistent=False)                          # [N]
+        self.register_buffer("labels", labels, persistent=False)                     # [N]
         self.register_buffer("order", torch.argsort(labels, stable=True), persistent=False)  # [N] by class
-        self.register_buffer("cls_count", counts, persistent=False)                       # [C]
+        self.register_buffer("cls_count", counts, persistent=False)                  # [C]
         self.register_buffer("cls_start", torch.cumsum(counts, 0) - counts, persistent=False)  # [C]
 
     # --- negatives ----------------------------------------------------------------------------------
@@ -84,7 +84,7 @@ class CRD(Method):
         """[B, 1+K] sample indices: column 0 the sample itself, then K samples of other classes."""
         B, K, dev = index.shape[0], self.nce_k, self.order.device
         target = target.to(dev)
-        n_neg = self.n_data - self.cls_count[target]                      # [B] other-class sample count
+        n_neg = self.n_data - self.cls_count[target]                                 # [B] other-class sample count
         r = torch.empty(B, K, dtype=torch.long, device=dev)               # rank among other-class samples
         repl = n_neg < K                                                  # too few: with replacement (as CRD)
         if repl.any():
@@ -94,7 +94,7 @@ class CRD(Method):
             r[~repl] = self._without_replacement(n_neg[~repl], K)
         # skip the sample's own class block in the class-sorted order
         start, count = self.cls_start[target][:, None], self.cls_count[target][:, None]
-        neg = self.order[r + (r >= start) * count]                        # [B, K]
+        neg = self.order[r + (r >= start) * count]                                   # [B, K]
         return torch.cat([index.to(dev)[:, None], neg], dim=1)
 
     @staticmethod
@@ -122,16 +122,16 @@ class CRD(Method):
     def forward(self, views, target, index):
         self._check_views(views)
         x = views[0]
-        feat_s, logits = forward_features(self.student, x)    # [B, d_s], [B, C]
-        feat_t, logits_t = self.teacher_forward(x)            # [B, d_t], [B, C] (no grad)
-        idx = self.sample_contrast_idx(index, target)          # [B, 1+K]
+        feat_s, logits = forward_features(self.student, x)                           # [B, d_s], [B, C]
+        feat_t, logits_t = self.teacher_forward(x)                                   # [B, d_t], [B, C] (no grad)
+        idx = self.sample_contrast_idx(index, target)                                # [B, 1+K]
         B, D, N = x.shape[0], self.memory_s.shape[1], self.n_data
 
         with fp32_region(x.device.type):
-            v_s = self.embed_s(fp32(feat_s))                  # [B, D]
-            v_t = self.embed_t(fp32(feat_t))                  # [B, D]
-            w_t = self.memory_t[idx.flatten()].view(B, -1, D).to(v_s.dtype)  # [B, 1+K, D] teacher bank rows
-            w_s = self.memory_s[idx.flatten()].view(B, -1, D).to(v_t.dtype)  # [B, 1+K, D] student bank rows
+            v_s = self.embed_s(fp32(feat_s))                                         # [B, D]
+            v_t = self.embed_t(fp32(feat_t))                                         # [B, D]
+            w_t = self.memory_t[idx.flatten()].view(B, -1, D).to(v_s.dtype)          # [B, 1+K, D] teacher bank rows
+            w_s = self.memory_s[idx.flatten()].view(B, -1, D).to(v_t.dtype)          # [B, 1+K, D] student bank rows
             out_s = torch.exp(torch.bmm(w_t, v_s[:, :, None]).squeeze(2) / self.nce_t)  # [B, 1+K]
             out_t = torch.exp(torch.bmm(w_s, v_t[:, :, None]).squeeze(2) / self.nce_t)  # [B, 1+K]
             self._set_Z(out_s.detach(), out_t.detach())
@@ -147,7 +147,7 @@ class CRD(Method):
     @torch.no_grad()
     def _set_Z(self, out_s, out_t):
         """Fix Z = mean(exp(score/T)) * N from the first batch (mean over ranks), without a host sync."""
-        z = torch.stack([out_s.mean(), out_t.mean()]) * self.n_data  # [2]
+        z = torch.stack([out_s.mean(), out_t.mean()]) * self.n_data                  # [2]
         if self.gather is not None:
             z = self.gather(z[None]).mean(dim=0)
         self.Z.copy_(torch.where(self.Z < 0, z, self.Z))
@@ -158,5 +158,5 @@ class CRD(Method):
             index, v_s, v_t = self.gather(index), self.gather(v_s), self.gather(v_t)
         index = index.to(self.memory_s.device)
         for bank, v in ((self.memory_s, v_s), (self.memory_t, v_t)):
-            rows = bank[index].mul_(self.momentum).add_(v * (1 - self.momentum))  # [B, D]
+            rows = bank[index].mul_(self.momentum).add_(v * (1 - self.momentum))     # [B, D]
             bank.index_copy_(0, index, F.normalize(rows, dim=1).to(bank.dtype))
