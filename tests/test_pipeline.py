@@ -209,6 +209,8 @@ def test_complete_stages_are_skipped_and_stale_ones_rerun(tmp_path):
     with pytest.raises(rp.StageFailed, match="outputs are incomplete"):
         pipe.run(only=["teacher", "distill:kd"])  # our fake run writes nothing
     assert ran == ["distill:kd"]
+    # ... afresh: the stale run was moved aside, never resumed
+    assert os.path.isdir(os.path.join(out, "distill", "kd.prev"))
     # --force re-runs a complete stage and keeps its previous output beside it
     ran.clear()
     with pytest.raises(rp.StageFailed):

@@ -226,3 +226,15 @@ def test_pretrained_backbone_beats_scratch(shapes, tmp_path):
     assert "initialising the ResNet from" in (tmp_path / "pretrained" / "log.txt").read_text()
     assert results["pretrained"]["bbox/AP50"] > results["scratch"]["bbox/AP50"] + 10, results
     assert results["pretrained"]["bbox/AP"] > results["scratch"]["bbox/AP"], results
+
+
+@pytest.mark.slow
+def test_two_processes_on_cpu(shapes, tmp_path):
+    """--num-gpus 2 with MODEL.DEVICE cpu: two gloo processes share the batch (DDP) and the evaluation."""
+    out = tmp_path / "ddp"
+    run(["--num-gpus", "2"] + tiny_opts(shapes, out, 4, SOLVER__IMS_PER_BATCH=4, TEST__PRECISE_BN__NUM_ITER=1))
+    assert (out / "model_final.pth").is_file() and (out / "log.txt.rank1").is_file()
+    log = (out / "log.txt").read_text()
+    assert "over 2 process(es)" in log and "inference on s_test: 12 images" in log
+    ev = [r for r in read_metrics(out) if "bbox/AP" in r]
+    assert len(ev) == 1 and ev[0]["iteration"] == 3

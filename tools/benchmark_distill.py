@@ -68,8 +68,8 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=3, help="timed rounds (median)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads (0: torch's default); 1 gives steadier ratios on a busy machine")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads (default 1: steady ratios on a shared machine; 0: torch's default)")
     add_method_args(p)
     args = p.parse_args(argv)
 

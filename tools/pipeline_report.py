@@ -144,7 +144,7 @@ def plot_transfer_curves(rows, ds, path):
         for k, curve in enumerate(det["curves"]):
             if curve:
                 it, loss = zip(*curve)
-                ax.plot(it, loss, color=color, alpha=1.0 if k == 0 else 0.35,
+                ax.plot(it, loss, color=color, alpha=1.0 if k == 0 else 0.35, marker="o", markersize=3,
                         label=ROW_LABELS.get(r["init"], r["init"]) if k == 0 else None)
     ax.set(title=f"Detection fine-tuning on {ds}: training loss (all trials)", xlabel="iteration",
            ylabel="total loss")

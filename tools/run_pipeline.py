@@ -224,11 +224,14 @@ class Stage:
         self.inputs, self.stamp, self.out_dir = list(inputs), stamp, out_dir
 
     def status(self):
+        """(complete, reason); sets `self.stale` when complete but older than an input."""
+        self.stale = False
         complete, reason = self.check()
         if complete and self.stamp:
             t = _mtime(self.stamp)
             newer = [p for p in self.inputs if _mtime(p) is not None and t is not None and _mtime(p) > t]
             if newer:
+                self.stale = True
                 return False, f"stale: {newer[0]} is newer than {self.stamp}"
         return complete, reason
 
@@ -320,7 +323,6 @@ class Pipeline:
             data_inputs = []
 
         common = _words(dc.get("common_args"), mapping)
-        epochs = _flag_value(common, "--epochs")
         epochs_of = {}
 
         def distill_cmd(name, method, arch, extra, config_file, teacher_weights):
@@ -512,11 +514,12 @@ class Pipeline:
                         self.log(f"{head}: skipped, complete ({reason})")
                         finished.add(stage.name)
                         continue
-                    if force and stage.out_dir and os.path.isdir(stage.out_dir):
+                    # a stale stage must not resume its old run: it starts afresh, like --force
+                    if (force or stage.stale) and stage.out_dir and os.path.isdir(stage.out_dir):
                         prev = stage.out_dir.rstrip("/") + ".prev"
                         shutil.rmtree(prev, ignore_errors=True)
                         os.replace(stage.out_dir, prev)  # keep the last result beside it, never merge two runs
-                        self.log(f"{head}: --force: moved the previous output to {prev}")
+                        self.log(f"{head}: moved the previous output to {prev}")
                     missing = [p for p in stage.inputs if not os.path.exists(p)]
                     if missing:
                         failure = StageFailed(

@@ -73,12 +73,14 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _worker(local_rank, fn, world, num_gpus, machine_rank, dist_url, fn_args):
+def _worker(local_rank, fn, world, num_gpus, machine_rank, dist_url, fn_args, use_cuda):
     import torch
     import torch.distributed as dist
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
+    backend = "nccl" if use_cuda else "gloo"
+    if use_cuda:
         torch.cuda.set_device(local_rank)
+    else:  # CPU processes share the cores instead of each spinning up one thread per core
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_gpus))
     dist.init_process_group(backend, init_method=dist_url, world_size=world,
                             rank=machine_rank * num_gpus + local_rank)
     try:
@@ -87,8 +89,9 @@ def _worker(local_rank, fn, world, num_gpus, machine_rank, dist_url, fn_args):
         dist.destroy_process_group()
 
 
-def launch(fn, args, fn_args):
-    """Run fn(*fn_args) in num_gpus x num_machines processes (or this one); torchrun's env also works."""
+def launch(fn, args, fn_args, use_cuda):
+    """Run fn(*fn_args) in num_gpus x num_machines processes (or this one); torchrun's env also works.
+    NCCL when the config's MODEL.DEVICE is CUDA, else gloo (CPU processes)."""
     import torch
     import torch.distributed as dist
     world = args.num_gpus * args.num_machines
@@ -99,13 +102,13 @@ def launch(fn, args, fn_args):
                 raise SystemExit("--dist-url is required with --num-machines > 1 (e.g. tcp://host:port)")
             url = f"tcp://127.0.0.1:{_free_port()}"
         torch.multiprocessing.spawn(_worker, nprocs=args.num_gpus,
-                                    args=(fn, world, args.num_gpus, args.machine_rank, url, fn_args))
+                                    args=(fn, world, args.num_gpus, args.machine_rank, url, fn_args, use_cuda))
         return None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        if torch.cuda.is_available():
+        if use_cuda:
             torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if use_cuda else "gloo")
         try:
             return fn(*fn_args)
         finally:
@@ -171,8 +174,9 @@ def main(argv=None):
     from transfer.config import load_config
     # resolve OUTPUT_DIR/SEED (and, for our engine, reject bad configs before spawning anything)
     base = load_config(args.config_file, opts, validate_cfg=engine == "torchvision")
+    use_cuda = base.MODEL.DEVICE.startswith("cuda")
     if args.trials == 1:
-        return launch(entry, args, (args.config_file, opts, args))
+        return launch(entry, args, (args.config_file, opts, args), use_cuda)
 
     seed0 = base.SEED if base.SEED >= 0 else 0
     rows = []
@@ -180,7 +184,7 @@ def main(argv=None):
         out = os.path.join(base.OUTPUT_DIR, f"trial{k}")
         trial_opts = opts + ["OUTPUT_DIR", out, "SEED", str(seed0 + k)]
         print(f"[train_net] trial {k}: SEED {seed0 + k}, OUTPUT_DIR {out}", flush=True)
-        launch(entry, args, (args.config_file, trial_opts, args))
+        launch(entry, args, (args.config_file, trial_opts, args), use_cuda)
         rows.append({"trial": k, "seed": seed0 + k, "output_dir": out, **final_metrics(out)})
     mean, std = summarize(rows)
     summary = {"engine": engine, "trials": rows, "mean": mean, "std": std}

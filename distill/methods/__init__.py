@@ -124,7 +124,7 @@ def build_method(name, args, student, teacher, num_samples, sample_labels, gathe
                      nce_t=hp["crd_nce_t"], momentum=hp["crd_momentum"], w_ce=hp["w_ce"], w_crd=hp["w_crd"],
                      w_kd=hp["w_kd"], kd_T=hp["kd_T"], gather=gather)
     else:
-        from distill.cocord import CoCoRD
+        from distill.cocord import CoCoRD  # here, not at the top: distill.cocord imports distill.methods.base
         method = CoCoRD(student, teacher, proj_dim=hp["proj_dim"], proj_hidden_dim=hp["proj_hidden_dim"],
                         pred_dim=hp["pred_dim"], queue_size=hp["queue_size"], tau=hp["tau"],
                         teacher_head_momentum=hp["teacher_head_momentum"], slow_momentum=hp["slow_momentum"],
