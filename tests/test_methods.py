@@ -163,10 +163,15 @@ def test_benchmark_prints_ratios_and_imagenet_memory(capsys):
     spec = importlib.util.spec_from_file_location("benchmark_distill", REPO / "tools" / "benchmark_distill.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    bench.main(["-a", "resnet18", "--teacher-arch", "resnet18", "-b", "2", "--image-size", "32", "--iters", "1",
-                "--warmup", "0", "--num-classes", "10", "--device", "cpu", "--threads", "0"])
+    threads = torch.get_num_threads()
+    try:
+        bench.main(["-a", "resnet18", "--teacher-arch", "resnet18", "-b", "2", "--image-size", "32", "--iters", "1",
+                    "--warmup", "0", "--num-classes", "10", "--device", "cpu", "--threads", "1",
+                    "--queue-size", "1024", "--proj-dim", "256", "--proj-hidden-dim", "256", "--pred-dim", "64"])
+    finally:
+        torch.set_num_threads(threads)
     out = capsys.readouterr().out
     for row in ("supervised step", "KD step", "CoCoRD step", "unavoidable passes alone", "bookkeeping (cpu)"):
         assert row in out, out
-    # default flags: K x 2048 fp32 queue vs 2 x N x 128 fp32 banks
-    assert "CoCoRD queue 128.0 MiB" in out and "CRD banks 1251.1 MiB" in out and "= 9.8x" in out, out
+    # from the real buffers: 1024 x 256 fp32 queue = 1 MiB; CRD's default 2 x 1,281,167 x 128 fp32 banks
+    assert "CoCoRD queue 1.0 MiB" in out and "CRD banks 1251.1 MiB" in out and "= 1251.1x" in out, out

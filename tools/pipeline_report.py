@@ -298,7 +298,15 @@ def write_report(out, desc, log=print):
     if timings:
         L += ["## Stage times (this machine)", "", "| stage | time |", "|---|---:|"]
         L += [f"| {k} | {v:.0f} s |" for k, v in timings.items()]
-        L += [f"| **total** | **{sum(timings.values()) / 60:.1f} min** |", ""]
+        L += [f"| sum of stage times | {sum(timings.values()) / 60:.1f} min |", ""]
+        runs_path = os.path.join(out, "runs.json")
+        if os.path.isfile(runs_path):
+            with open(runs_path) as f:
+                runs = json.load(f)
+            L += ["Invocations of the driver (wall-clock; stages run in parallel with `--jobs`):", ""]
+            L += [f"- {r['finished']}: {r['wall_s'] / 60:.1f} min, {len(r['ran'])} of {r['stages']} stages ran "
+                  f"(jobs {r['jobs']}, threads per stage {r['threads']})" for r in runs]
+            L.append("")
     L.append(SCALE_NOTE_EMBEDDED if desc.get("embedded") else SCALE_NOTE_REAL)
     L += ["## Settings", "", "```yaml", yaml.safe_dump(cfg, sort_keys=False).rstrip(), "```", ""]
     report = os.path.join(out, "report.md")

@@ -482,7 +482,7 @@ class Pipeline:
         timings = _load_json(self.timings_path, {})
         total, t_all = len(chosen), time.time()
         self.log(f"pipeline: {total} stages, up to {jobs} at a time, output in {self.out}")
-        pending, running, finished = list(chosen), {}, set()
+        pending, running, finished, ran = list(chosen), {}, set(), []
         done_q = queue.Queue()
         failure = None
 
@@ -545,6 +545,7 @@ class Pipeline:
                     self._stop_children()  # the others resume from their checkpoints next time
                     continue
                 finished.add(stage.name)
+                ran.append(stage.name)
                 if stage.group != "report":
                     timings[stage.name] = dt
                     _write_json(self.timings_path, timings)
@@ -558,7 +559,7 @@ class Pipeline:
         runs = _load_json(self.runs_path, [])
         runs.append({"finished": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_s": round(wall, 1), "jobs": jobs,
                      "threads": self.threads or os.environ.get("OMP_NUM_THREADS"), "stages": total,
-                     "ran": sorted(n for n in finished if timings.get(n) is not None)})
+                     "ran": ran})
         _write_json(self.runs_path, runs)
         self.log(f"pipeline finished in {_fmt(wall)}")
 

@@ -98,7 +98,8 @@ def build_method(name, args, student, teacher, num_samples, sample_labels, gathe
     `teacher` is None for `supervised` (and required otherwise); `sample_labels` [num_samples] holds
     every training sample's class (CRD draws its negatives from other classes); `gather(t)` returns
     torch.cat of `t` over all ranks (None in a single process). The resolved hyper-parameters are
-    available as `method.hparams`.
+    available as `method.hparams`. The student must already hold its initial weights: CoCoRD's slow
+    student is a copy of it taken here (on resume, `load_state_dict` restores that copy).
     """
     if name not in METHODS:
         raise ValueError(f"unknown --method '{name}'; choose one of {', '.join(METHODS)}")
