@@ -363,8 +363,8 @@ class Trainer:
                 losses = self.ddp(batch)
             total = sum(losses.values())
             if not torch.isfinite(total):
-                terms = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
-                raise FloatingPointError(f"non-finite loss at iteration {it}: total={float(total)}; {terms}. "
+                terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
+                raise FloatingPointError(f"non-finite loss at iteration {it}: total={float(total.detach())}; {terms}. "
                                          f"Lower SOLVER.BASE_LR or check the data")
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(total).backward()

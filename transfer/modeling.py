@@ -144,6 +144,15 @@ class D2AnchorGenerator(nn.Module):
         return [anchors for _ in range(images.tensors.shape[0])]
 
 
+class FloatRPNHead(RPNHead):
+    """RPNHead whose outputs are float32 even under autocast: proposals are decoded in the outputs'
+    dtype, and bf16/fp16 box coordinates would be quantised by several pixels."""
+
+    def forward(self, x):
+        logits, deltas = super().forward(x)
+        return [t.float() for t in logits], [t.float() for t in deltas]
+
+
 class D2RPN(RegionProposalNetwork):
     """torchvision RPN with detectron2's losses: both terms summed over sampled anchors and divided by
     BATCH_SIZE_PER_IMAGE * num_images; box term L1/smooth-L1 with SMOOTH_L1_BETA."""
@@ -396,7 +405,7 @@ def build_model(cfg, d2_weights=None, log=None):
     r = m.RPN
     anchors = D2AnchorGenerator(m.ANCHOR_GENERATOR.SIZES, m.ANCHOR_GENERATOR.ASPECT_RATIOS,
                                 [strides[f] for f in r.IN_FEATURES], m.ANCHOR_GENERATOR.OFFSET)
-    rpn = D2RPN(anchors, RPNHead(in_ch, anchors.num_anchors_per_location()[0]),
+    rpn = D2RPN(anchors, FloatRPNHead(in_ch, anchors.num_anchors_per_location()[0]),
                 fg_iou_thresh=r.IOU_THRESHOLDS[1], bg_iou_thresh=r.IOU_THRESHOLDS[0],
                 batch_size_per_image=r.BATCH_SIZE_PER_IMAGE, positive_fraction=r.POSITIVE_FRACTION,
                 pre_nms_top_n={"training": r.PRE_NMS_TOPK_TRAIN, "testing": r.PRE_NMS_TOPK_TEST},
