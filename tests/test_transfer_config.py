@@ -165,3 +165,34 @@ def test_c4_model_structure():
     assert not any(p.requires_grad for p in m2.backbone.stem.parameters())
     assert not any(p.requires_grad for p in m2.backbone.res2.parameters())
     assert all(p.requires_grad for p in m2.backbone.res3.parameters())
+
+
+def test_c4_forward_backward_and_inference():
+    """R50-C4 (MoCo's head) trains and infers at a tiny size; outputs are in the original image's frame."""
+    torch.manual_seed(0)
+    cfg = load_config(os.path.join(REPO, "configs", "voc_r50.yaml"),
+                      ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.NORM", "BN", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16",
+                       "MODEL.RPN.POST_NMS_TOPK_TRAIN", "20", "MODEL.RPN.POST_NMS_TOPK_TEST", "10"])
+    m = build_model(cfg)
+    x = [{"image": torch.randint(0, 255, (3, 64, 80), dtype=torch.uint8), "height": 128, "width": 160,
+          "instances": {"boxes": torch.tensor([[8.0, 8.0, 40.0, 50.0]]), "classes": torch.tensor([3])}}]
+    losses = m(x)
+    assert set(losses) == {"loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg"}
+    sum(losses.values()).backward()
+    assert m.roi_heads.box_head.norm.weight.grad is not None  # the extra norm is trained
+    m.eval()
+    with torch.no_grad():
+        out = m(x)[0]
+    assert out["boxes"].shape[1] == 4 and len(out["boxes"]) <= 100
+    if len(out["boxes"]):
+        assert out["boxes"][:, 2].max() <= 160 and out["boxes"][:, 3].max() <= 128
+        assert (out["scores"] > 0.05).all() and out["classes"].max() < 20
+
+
+def test_detector_postprocess_rescales_clips_and_drops_empty():
+    from transfer.modeling import FasterRCNN
+    r = {"boxes": torch.tensor([[10.0, 10.0, 20.0, 20.0], [70.0, 5.0, 90.0, 30.0], [85.0, 0.0, 95.0, 10.0]]),
+         "scores": torch.tensor([0.9, 0.8, 0.7]), "classes": torch.tensor([0, 1, 2])}
+    out = FasterRCNN._rescale(r, {"height": 128, "width": 160}, (64, 80))
+    assert torch.equal(out["boxes"], torch.tensor([[20.0, 20.0, 40.0, 40.0], [140.0, 10.0, 160.0, 60.0]]))
+    assert out["classes"].tolist() == [0, 1]

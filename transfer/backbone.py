@@ -26,7 +26,7 @@ C4_ROI_HEADS = ("Res5ROIHeads", "Res5ROIHeadsExtraNorm")
 logger = logging.getLogger(__name__)
 
 
-def _norm_layer(norm: str):
+def norm_layer(norm: str):
     if norm == "BN":
         return nn.BatchNorm2d
     if norm == "SyncBN":
@@ -43,7 +43,7 @@ def build_resnet_trunk(depth: int, norm: str = "BN") -> torchvision.models.ResNe
     if depth not in RESNET_SPECS:
         raise ValueError(f"unsupported ResNet depth {depth} (MODEL.RESNETS.DEPTH); choices: "
                          f"{sorted(RESNET_SPECS)}")
-    trunk = getattr(torchvision.models, f"resnet{depth}")(weights=None, norm_layer=_norm_layer(norm))
+    trunk = getattr(torchvision.models, f"resnet{depth}")(weights=None, norm_layer=norm_layer(norm))
     trunk.fc = nn.Identity()
     return trunk
 

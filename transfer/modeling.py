@@ -28,7 +28,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import FeaturePyramidNetwork, boxes as box_ops, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from transfer.backbone import _norm_layer, build_resnet_trunk, freeze_stages, load_trunk_weights, trunk_features
+from transfer.backbone import norm_layer, build_resnet_trunk, freeze_stages, load_trunk_weights, trunk_features
 from transfer.config import is_fpn
 
 STAGE_STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
@@ -422,7 +422,7 @@ def build_model(cfg, d2_weights=None, log=None):
         box_head = FastRCNNConvFCHead(in_ch, bh.POOLER_RESOLUTION, bh.NUM_CONV, bh.CONV_DIM, bh.NUM_FC, bh.FC_DIM)
         out_dim = box_head.out_dim
     else:
-        extra = _norm_layer(m.RESNETS.NORM)(_stage_channels(trunk)["res5"]) \
+        extra = norm_layer(m.RESNETS.NORM)(_stage_channels(trunk)["res5"]) \
             if rh.NAME == "Res5ROIHeadsExtraNorm" else None
         box_head = Res5Head(trunk.layer4, extra)
         out_dim = _stage_channels(trunk)["res5"]
