@@ -1,9 +1,9 @@
 """Shared test fixtures. Tests that need ../shared skip cleanly when it is absent."""
-import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -27,3 +27,12 @@ def shared():
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end tests (minutes); run in CI")
     config.addinivalue_line("markers", "detectron2: needs the detectron2 CPU test build")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread beats OpenMP spinning on a 2-core (often shared) machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

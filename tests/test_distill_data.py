@@ -12,14 +12,6 @@ from PIL import Image
 from distill import data
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster than spinning OpenMP threads on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def write_jpeg(path, size, seed, mode="RGB"):
     rng = np.random.default_rng(seed)

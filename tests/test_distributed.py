@@ -23,14 +23,6 @@ from test_distill_data import make_image_folder
 GLOBAL_BATCH, STEPS, QUEUE = 8, 3, 12  # 8 keys per step into 12 slots: wraps at step 2, not a multiple
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster than spinning OpenMP threads on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def free_port():
     with socket.socket() as s:

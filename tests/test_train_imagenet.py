@@ -24,14 +24,6 @@ TINY = ["--crop-size", "32", "--val-resize", "36", "-j", "0", "-b", "4", "--prin
         "--crd-nce-k", "6", "--crd-feat-dim", "16"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster than spinning OpenMP threads on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from transfer import engine
-from transfer.config import get_cfg, load_config
+from transfer.config import load_config
 from transfer.modeling import D2AnchorGenerator, D2ROIPooler, build_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,8 +89,6 @@ def test_anchors_match_detectron2_formula():
     # second location (x shift one stride), same cell anchor
     assert torch.allclose(a[6], a[0] + torch.tensor([16.0, 0, 16.0, 0]))
     try:
-        from detectron2.config import get_cfg as d2_get_cfg
-        from detectron2.layers import ShapeSpec
         from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
     except ImportError:
         return

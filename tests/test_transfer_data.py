@@ -10,7 +10,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from transfer import data as tdata
-from transfer.config import get_cfg, load_config
+from transfer.config import load_config
 
 SHAPES = ("square", "circle", "triangle")
 
