@@ -7,20 +7,13 @@ import os
 import pytest
 import torch
 
+from conftest import shared_path
 from test_transfer_data import SHAPES, make_shapes_voc, register_opts
 from transfer import train_net
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU_CFG = os.path.join(REPO, "configs", "cpu", "voc_bccd_r18_fpn.yaml")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, OpenMP spinning makes small convs ~10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -147,29 +140,149 @@ def test_bad_inputs_fail_clearly(shapes, tmp_path):
         run(tiny_opts(shapes, out, 2, MODEL__PIXEL_STD="[0.0, 0.0, 0.0]"))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("which", ["voc_bccd", "coco_tiny"])
-def test_shared_datasets_smoke(shared, tmp_path, which):
-    """The repo's CPU configs on real images: the RPN loss falls over a short run and evaluation runs."""
-    root = shared("data", which)
-    cfg = os.path.join(REPO, "configs", "cpu", f"{which}_r18_fpn.yaml")
+def _shared_data_opts(which, root):
+    """Command-line overrides pointing the CPU config's registered datasets at `root` (../shared/data/<which>)."""
     if which == "voc_bccd":
-        data = ["DATASETS.REGISTER.bccd_trainval.ROOT", str(root), "DATASETS.REGISTER.bccd_test.ROOT", str(root)]
-    else:
-        data = []
-        for split in ("train", "val"):
-            data += [f"DATASETS.REGISTER.coco_tiny_{split}.IMAGE_ROOT", str(root / f"{split}2017"),
-                     f"DATASETS.REGISTER.coco_tiny_{split}.JSON_FILE",
-                     str(root / "annotations" / f"instances_{split}2017.json")]
-    out = tmp_path / which
-    res = train_net.main(["--engine", "torchvision", "--config", cfg] + data + [
+        return ["DATASETS.REGISTER.bccd_trainval.ROOT", str(root), "DATASETS.REGISTER.bccd_test.ROOT", str(root)]
+    opts = []
+    for split in ("train", "val"):
+        opts += [f"DATASETS.REGISTER.coco_tiny_{split}.IMAGE_ROOT", str(root / f"{split}2017"),
+                 f"DATASETS.REGISTER.coco_tiny_{split}.JSON_FILE",
+                 str(root / "annotations" / f"instances_{split}2017.json")]
+    return opts
+
+
+@pytest.mark.slow
+def test_coco_tiny_smoke(shared, tmp_path):
+    """The repo's CPU config on tiny COCO's real images: the RPN loss falls over a short run and COCO
+    evaluation runs. No pretrained-beats-scratch check here: with 80 classes and 50 training images, both
+    runs score AP 0.0 within a test-sized budget (measured, see readme_parts/transfer.md)."""
+    root = shared("data", "coco_tiny")
+    cfg = os.path.join(REPO, "configs", "cpu", "coco_tiny_r18_fpn.yaml")
+    out = tmp_path / "coco_tiny"
+    res = train_net.main(["--engine", "torchvision", "--config", cfg] + _shared_data_opts("coco_tiny", root) + [
         "SOLVER.MAX_ITER", "40", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.0025",
         "INPUT.MIN_SIZE_TRAIN", "(112,)", "INPUT.MAX_SIZE_TRAIN", "192", "INPUT.MIN_SIZE_TEST", "112",
         "INPUT.MAX_SIZE_TEST", "192",
         "TEST.PRECISE_BN.NUM_ITER", "2", "DATALOADER.NUM_WORKERS", "0", "SEED", "0", "OUTPUT_DIR", str(out)])
     train = [r for r in read_metrics(out) if "total_loss" in r]
     assert train[-1]["loss_rpn_cls"] < train[0]["loss_rpn_cls"]
-    assert set(res) >= {"bbox/AP", "bbox/AP50", "bbox/AP75"}
+    assert set(res) >= {"bbox/AP", "bbox/AP50", "bbox/AP75", "bbox/APs", "bbox/APm", "bbox/APl"}
+
+
+BCCD_CLASSES = ("RBC", "WBC", "Platelets")
+
+
+def write_object_crops(dataset_dicts, class_names, out, per_class=400, n_val=20, size=64, seed=0):
+    """ImageFolder `out/{train,val}/<class>/*.png` of the boxes of `dataset_dicts` (detectron2 dicts,
+    XYXY_ABS), each resized to `size` px; at most `per_class` crops per class, `n_val` of them in val/.
+    Boxes under 8x8 px and crowd boxes are skipped. Returns {class: number of crops}."""
+    import random
+
+    from PIL import Image
+    crops = {c: [] for c in class_names}
+    for d in dataset_dicts:
+        img = None
+        for a in d["annotations"]:
+            x0, y0, x1, y1 = a["bbox"]
+            if a.get("iscrowd", 0) or x1 - x0 < 8 or y1 - y0 < 8:
+                continue
+            img = img or Image.open(d["file_name"]).convert("RGB")
+            box = (int(x0), int(y0), int(round(x1)), int(round(y1)))
+            crops[class_names[a["category_id"]]].append(img.crop(box).resize((size, size), Image.BILINEAR))
+    rng = random.Random(seed)
+    for name, items in crops.items():
+        if len(items) < n_val + 1:
+            raise ValueError(f"only {len(items)} crops of class {name!r}; need more than {n_val}")
+        rng.shuffle(items)
+        items = items[:per_class]
+        crops[name] = len(items)
+        for split, part in (("val", items[:n_val]), ("train", items[n_val:])):
+            folder = os.path.join(out, split, name)
+            os.makedirs(folder, exist_ok=True)
+            for i, crop in enumerate(part):
+                crop.save(os.path.join(folder, f"{i:04d}.png"))
+    return crops
+
+
+BCCD_SEED = 0
+
+
+@pytest.fixture(scope="module")
+def bccd_transfer(tmp_path_factory):
+    """Pretrain -> convert -> fine-tune twice on ../shared/data/voc_bccd, all through the project's CLIs.
+
+    1. Object crops of BCCD's *trainval* boxes (the detector's training split; the test split is never
+       seen), class = the box's class (RBC / WBC / Platelets, RBC capped at 400 like the others' ~300),
+       64 px, written by write_object_crops.
+    2. distill/train_imagenet.py --method supervised: ResNet-18, one epoch (29 steps of 32 crops at
+       48 px). Its crop accuracy varies with the seed (val top-1 87/33/67 % for seeds 0/1/2, measured),
+       yet every one of those backbones beats random init below. Measured caveat: two epochs of this
+       pretraining made the 40-iteration fine-tuning diverge at lr 0.005 (loss_cls 2.0 -> 3.2, AP50 2.9
+       vs 12.3 for scratch), so the schedule here is the one that was measured, not a tunable.
+    3. transfer.d2_format.torchvision_to_d2 + save_d2_file -> a detectron2 .pkl.
+    4. transfer/train_net.py (torchvision engine, configs/cpu/voc_bccd_r18_fpn.yaml at 112 px, batch 2,
+       40 iterations, same SEED and schedule) once with MODEL.WEIGHTS = that .pkl, once with "".
+    Returns {"pretrain": last-epoch metrics, "pretrained"/"scratch": (final metrics, train rows)}."""
+    from distill import train_imagenet
+    from transfer.d2_format import save_d2_file, torchvision_to_d2
+    from transfer.data import load_voc
+
+    root = shared_path("data", "voc_bccd")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        work = tmp_path_factory.mktemp("bccd_transfer")
+        counts = write_object_crops(load_voc(str(root), "trainval", BCCD_CLASSES), BCCD_CLASSES,
+                                    str(work / "crops"), seed=BCCD_SEED)
+        assert min(counts.values()) > 250, counts
+        pretrain = train_imagenet.main([
+            str(work / "crops"), "-a", "resnet18", "--method", "supervised", "--epochs", "1", "-b", "32",
+            "--lr", "0.05", "--crop-size", "48", "--val-resize", "56", "-j", "0", "--device", "cpu",
+            "--print-freq", "50", "--seed", str(BCCD_SEED), "--output-dir", str(work / "pretrain")])
+        backbone = torch.load(work / "pretrain" / "student_backbone.pth", weights_only=True)
+        pkl = work / "r18_bccd_crops.pkl"
+        save_d2_file(torchvision_to_d2(backbone).model, str(pkl))
+
+        runs = {"pretrain": pretrain}
+        cfg = os.path.join(REPO, "configs", "cpu", "voc_bccd_r18_fpn.yaml")
+        for name, weights in (("pretrained", str(pkl)), ("scratch", "")):
+            out = work / name
+            data = _shared_data_opts("voc_bccd", root)
+            res = train_net.main(["--engine", "torchvision", "--config", cfg] + data + [
+                "MODEL.WEIGHTS", weights, "SOLVER.MAX_ITER", "40", "SOLVER.IMS_PER_BATCH", "2",
+                "SOLVER.BASE_LR", "0.005", "SOLVER.STEPS", "(32,)", "SOLVER.WARMUP_ITERS", "10",
+                "SOLVER.CHECKPOINT_PERIOD", "1000", "INPUT.MIN_SIZE_TRAIN", "(112,)", "INPUT.MAX_SIZE_TRAIN", "190",
+                "INPUT.MIN_SIZE_TEST", "112", "INPUT.MAX_SIZE_TEST", "190", "TEST.PRECISE_BN.ENABLED", "False",
+                "DATALOADER.NUM_WORKERS", "0", "SEED", str(BCCD_SEED), "OUTPUT_DIR", str(out)])
+            runs[name] = (res, [r for r in read_metrics(out) if "total_loss" in r])
+            runs[name + "_log"] = (out / "log.txt").read_text()
+        return runs
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_bccd_crop_pretrained_backbone_beats_scratch(bccd_transfer):
+    """On real BCCD images, a backbone pretrained on BCCD's own training crops and converted to detectron2
+    format gives a clearly higher test AP50 and AP than random init after the same fine-tuning.
+    Measured with SEED 0/1/2: AP50 17.8/24.0/21.7 vs 6.9/12.3/10.5 (+10.9/+11.8/+11.3),
+    AP 4.5/8.0/5.9 vs 1.9/3.7/3.4; about 90 s for the module fixture on 2 cores."""
+    assert "initialising the ResNet from" in bccd_transfer["pretrained_log"]
+    assert "initialising the ResNet from" not in bccd_transfer["scratch_log"]
+    pre, scratch = bccd_transfer["pretrained"][0], bccd_transfer["scratch"][0]
+    assert pre["bbox/AP50"] > scratch["bbox/AP50"] + 5, (pre, scratch)
+    assert pre["bbox/AP"] > scratch["bbox/AP"], (pre, scratch)
+
+
+@pytest.mark.slow
+def test_bccd_finetuning_loss_falls(bccd_transfer):
+    """Both fine-tunings log iterations 19 and 39, and their total loss falls (pretrained and scratch)."""
+    for name in ("pretrained", "scratch"):
+        rows = bccd_transfer[name][1]
+        assert [r["iteration"] for r in rows] == [19, 39], name
+        assert rows[-1]["total_loss"] < rows[0]["total_loss"], (name, rows)
+    assert {"train/loss", "val/top1"} <= set(bccd_transfer["pretrain"])
 
 
 def _shape_batch(rng, n, size=40):
