@@ -2,7 +2,6 @@
 import dataclasses
 import filecmp
 import importlib.util
-import json
 import os
 import sys
 import xml.etree.ElementTree as ET

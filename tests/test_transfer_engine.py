@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import shared_path
-from test_transfer_data import SHAPES, make_shapes_voc, register_opts
+from test_transfer_data import make_shapes_voc, register_opts
 from transfer import train_net
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -32,6 +32,8 @@ import xml.etree.ElementTree as ET
 import numpy as np
 from PIL import Image
 
+from distill.checkpoint import write_text_atomic
+
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 INK_THRESHOLD = 64  # a pixel is ink when >= this (0..255) after resizing; boxes are tight to it
 MANIFEST = "manifest.json"
@@ -356,10 +358,7 @@ def build(root, spec=EmbeddedSpec(), source=None):
     manifest = {"format_version": FORMAT_VERSION, "source": os.path.basename(source or mnist_csv_path()),
                 "spec": spec.to_dict(), "counts": counts, "classes": list(DIGIT_NAMES),
                 "source_rows": source_rows}
-    tmp = os.path.join(root, MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(tmp, os.path.join(root, MANIFEST))  # last: its presence means the build finished
+    write_text_atomic(os.path.join(root, MANIFEST), json.dumps(manifest, indent=1))  # last: its presence means the build finished
     return manifest
 
 

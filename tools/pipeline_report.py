@@ -12,6 +12,8 @@ import os
 import matplotlib
 import yaml
 
+from distill.checkpoint import write_text_atomic
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -243,14 +245,12 @@ def write_report(out, desc, log=print):
         results["rows"].append(entry)
     results["timings_s"] = timings
     results["plots"] = {k: os.path.relpath(v, out) for k, v in plots.items()}
-    with open(os.path.join(out, "results.json.tmp"), "w") as f:
-        json.dump(_nan_to_none(results), f, indent=1, allow_nan=False)
-    os.replace(os.path.join(out, "results.json.tmp"), os.path.join(out, "results.json"))
+    write_text_atomic(os.path.join(out, "results.json"),
+                      json.dumps(_nan_to_none(results), indent=1, allow_nan=False))
 
     # ---- report.md
     L = ["# CoCoRD pipeline report", ""]
     cfg = desc["config"]
-    dc = cfg["distill"]
     L.append(f"Student **{desc['arch']}**, teacher **{desc['teacher_arch']}** "
              f"({'trained here, supervised' if desc.get('teacher_dir') else desc['teacher_weights']}); "
              f"detection: {trials} trial{'s' if trials > 1 else ''} per cell, "
@@ -310,7 +310,5 @@ def write_report(out, desc, log=print):
     L.append(SCALE_NOTE_EMBEDDED if desc.get("embedded") else SCALE_NOTE_REAL)
     L += ["## Settings", "", "```yaml", yaml.safe_dump(cfg, sort_keys=False).rstrip(), "```", ""]
     report = os.path.join(out, "report.md")
-    with open(report + ".tmp", "w") as f:
-        f.write("\n".join(L))
-    os.replace(report + ".tmp", report)
+    write_text_atomic(report, "\n".join(L))
     return {"report": report, "results": os.path.join(out, "results.json"), "plots": plots}

@@ -36,7 +36,8 @@ import yaml
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TOOLS)
-sys.path.insert(0, TOOLS)
+sys.path[:0] = [TOOLS, REPO]
+from distill.checkpoint import write_text_atomic  # noqa: E402
 import embedded_data  # noqa: E402
 import pipeline_report  # noqa: E402
 
@@ -603,11 +604,7 @@ def _load_json(path, default):
 
 
 def _write_json(path, obj):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=1))
 
 
 # ---------------------------------------------------------------------------------------- CLI
