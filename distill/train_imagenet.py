@@ -7,7 +7,7 @@
 
 Close to pytorch/examples' imagenet/main.py. `DATA` holds `train/<class>/*` and `val/<class>/*`.
 Outputs (in --output-dir): config.yaml, log.txt, metrics.jsonl, tb/, checkpoint_XXXX.pth +
-last_checkpoint, student_backbone.pth (the converter's input). See readme_parts/distill_trainer.md.
+last_checkpoint, student_backbone.pth (the converter's input). See README.md, "Stage 1: distillation".
 """
 import argparse
 import difflib

@@ -156,7 +156,7 @@ def _shared_data_opts(which, root):
 def test_coco_tiny_smoke(shared, tmp_path):
     """The repo's CPU config on tiny COCO's real images: the RPN loss falls over a short run and COCO
     evaluation runs. No pretrained-beats-scratch check here: with 80 classes and 50 training images, both
-    runs score AP 0.0 within a test-sized budget (measured, see readme_parts/transfer.md)."""
+    runs score AP 0.0 within a test-sized budget (measured, see README.md, "Transfer")."""
     root = shared("data", "coco_tiny")
     cfg = os.path.join(REPO, "configs", "cpu", "coco_tiny_r18_fpn.yaml")
     out = tmp_path / "coco_tiny"
