@@ -29,9 +29,12 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "detectron2: needs the detectron2 CPU test build")
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="session")
 def one_thread():
-    """Tiny models: one intra-op thread beats OpenMP spinning on a 2-core (often shared) machine."""
+    """Tiny models: one intra-op thread beats OpenMP spinning on a 2-core (often shared) machine.
+
+    Session-wide, so module-scoped fixtures run with the same thread count as the tests that
+    compare against them (float reductions differ between thread counts)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
