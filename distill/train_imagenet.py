@@ -32,6 +32,7 @@ from distill.checkpoint import load_checkpoint, last_checkpoint, save_atomic, sa
 from distill.data import EvalImageFolder, MultiViewImageFolder, build_train_loader, build_val_loader
 from distill.methods import METHODS, add_method_args, build_method
 from distill.models import ARCHS, build_resnet
+from distill.yaml_config import read_yaml_mapping
 
 LOGGER_NAME = "distill"
 
@@ -90,15 +91,7 @@ def _option_actions(parser):
 
 def load_config_defaults(parser, path):
     """Read a YAML of flag names -> values and install them as parser defaults (CLI still wins)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--config {path} does not exist")
-    with open(path, encoding="utf-8") as f:
-        try:
-            cfg = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"--config {path} is not valid YAML: {e}") from e
-    if not isinstance(cfg, dict):
-        raise ValueError(f"--config {path} must be a mapping of flag names to values, got {type(cfg).__name__}")
+    cfg = read_yaml_mapping(path, "--config")
     actions = _option_actions(parser)
     defaults = {}
     for key, value in cfg.items():

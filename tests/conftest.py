@@ -7,8 +7,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _p in (REPO, REPO / "tools"):  # the package dirs and the tools' modules (e.g. synthetic_voc)
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
 
 def shared_path(*parts):

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from synthetic_voc import SHAPES, write_shapes_voc
 
 pytest.importorskip("detectron2")
 pytestmark = pytest.mark.detectron2
@@ -19,50 +20,21 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "voc_r50.yaml")
 
 
-def write_shapes_voc(root, n_train=6, n_test=2, seed=0):
-    """Red and blue rectangles on grey, VOC layout, 128x96 images."""
-    from PIL import Image
-    for d in ("Annotations", "JPEGImages", "ImageSets/Main"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    rng = np.random.RandomState(seed)
-    ids = []
-    for i in range(n_train + n_test):
-        img = np.full((96, 128, 3), 90, np.uint8)
-        objs = []
-        for cls, color in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
-            x0, y0 = rng.randint(0, 70), rng.randint(0, 40)
-            x1, y1 = min(x0 + rng.randint(20, 50), 127), min(y0 + rng.randint(20, 50), 95)
-            img[y0:y1, x0:x1] = color
-            objs.append((cls, x0 + 1, y0 + 1, x1, y1))
-        fid = f"{i:06d}"
-        ids.append(fid)
-        Image.fromarray(img).save(root / "JPEGImages" / f"{fid}.jpg")
-        body = "".join(f"<object><name>{c}</name><difficult>0</difficult><bndbox><xmin>{a}</xmin>"
-                       f"<ymin>{b}</ymin><xmax>{x}</xmax><ymax>{y}</ymax></bndbox></object>"
-                       for c, a, b, x, y in objs)
-        (root / "Annotations" / f"{fid}.xml").write_text(
-            f"<annotation><filename>{fid}.jpg</filename><size><width>128</width><height>96</height>"
-            f"<depth>3</depth></size>{body}</annotation>")
-    (root / "ImageSets/Main/train.txt").write_text("\n".join(ids[:n_train]) + "\n")
-    (root / "ImageSets/Main/test.txt").write_text("\n".join(ids[n_train:]) + "\n")
-    return root
-
-
 def tiny_opts(voc, out, **extra):
     """configs/voc_r50.yaml (MoCo's R50-C4 + Res5ROIHeadsExtraNorm) at CPU size: same architecture,
     64-px images, few proposals and RoIs, 3 iterations with a checkpoint after the second."""
     opts = {
         "MODEL.DEVICE": "cpu", "MODEL.WEIGHTS": "", "MODEL.RESNETS.NORM": "BN",
-        "MODEL.ROI_HEADS.NUM_CLASSES": "2", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": "16",
+        "MODEL.ROI_HEADS.NUM_CLASSES": "3", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": "16",
         "MODEL.RPN.BATCH_SIZE_PER_IMAGE": "64", "MODEL.RPN.PRE_NMS_TOPK_TRAIN": "200",
         "MODEL.RPN.POST_NMS_TOPK_TRAIN": "50", "MODEL.RPN.PRE_NMS_TOPK_TEST": "100",
         "MODEL.RPN.POST_NMS_TOPK_TEST": "20", "MODEL.ANCHOR_GENERATOR.SIZES": "[[16, 32, 64]]",
         "INPUT.MIN_SIZE_TRAIN": "(64,)", "INPUT.MAX_SIZE_TRAIN": "96", "INPUT.MIN_SIZE_TEST": "64",
         "INPUT.MAX_SIZE_TEST": "96",
         "DATASETS.REGISTER.shapes_train.TYPE": "voc", "DATASETS.REGISTER.shapes_train.ROOT": str(voc),
-        "DATASETS.REGISTER.shapes_train.SPLIT": "train", "DATASETS.REGISTER.shapes_train.CLASSES": "['red', 'blue']",
+        "DATASETS.REGISTER.shapes_train.SPLIT": "train", "DATASETS.REGISTER.shapes_train.CLASSES": str(list(SHAPES)),
         "DATASETS.REGISTER.shapes_test.TYPE": "voc", "DATASETS.REGISTER.shapes_test.ROOT": str(voc),
-        "DATASETS.REGISTER.shapes_test.SPLIT": "test", "DATASETS.REGISTER.shapes_test.CLASSES": "['red', 'blue']",
+        "DATASETS.REGISTER.shapes_test.SPLIT": "test", "DATASETS.REGISTER.shapes_test.CLASSES": str(list(SHAPES)),
         "DATASETS.REGISTER.shapes_test.YEAR": "2007",
         "DATASETS.TRAIN": "('shapes_train',)", "DATASETS.TEST": "('shapes_test',)",
         "DATALOADER.NUM_WORKERS": "0", "SOLVER.IMS_PER_BATCH": "2", "SOLVER.BASE_LR": "0.01",
@@ -88,7 +60,7 @@ def metrics_lines(out):
 def trained(tmp_path_factory):
     """One 3-iteration training run shared by the tests below."""
     base = tmp_path_factory.mktemp("d2")
-    voc = write_shapes_voc(base / "voc")
+    voc = write_shapes_voc(base / "voc", n_train=6, n_test=2)
     out = base / "run_a"
     res = d2_engine.run(CONFIG, tiny_opts(voc, out), args())
     return voc, out, res

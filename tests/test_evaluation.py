@@ -7,6 +7,7 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
+from synthetic_voc import voc_xml
 
 from transfer import evaluation
 from transfer.evaluation import evaluate, evaluate_coco, evaluate_voc, voc_ap
@@ -20,13 +21,7 @@ def write_voc(root, images, split="test"):
     (root / "Annotations").mkdir(parents=True, exist_ok=True)
     (root / "ImageSets" / "Main").mkdir(parents=True, exist_ok=True)
     for fid, objs in images.items():
-        body = "".join(
-            f"<object><name>{n}</name><pose>Unspecified</pose><truncated>0</truncated>"
-            f"<difficult>{d}</difficult><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin>"
-            f"<xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>" for n, b, d in objs)
-        (root / "Annotations" / f"{fid}.xml").write_text(
-            f"<annotation><filename>{fid}.jpg</filename><size><width>300</width><height>300</height>"
-            f"<depth>3</depth></size>{body}</annotation>")
+        (root / "Annotations" / f"{fid}.xml").write_text(voc_xml(fid, 300, 300, objs))
     (root / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(images) + "\n")
     return root
 

@@ -187,6 +187,22 @@ def test_transfer_state_from_files(tmp_path):
     assert rp.transfer_state(single, 1)[0]
 
 
+def test_prune_intermediate_checkpoints_of_finished_trials_only(tmp_path):
+    d = str(tmp_path / "t")
+    for k, last in ((0, "model_final.pth"), (1, "model_0000009.pth")):  # trial 1 was cut after iteration 9
+        t = os.path.join(d, f"trial{k}")
+        os.makedirs(t)
+        for name in ("model_0000004.pth", "model_0000009.pth", "model_final.pth", "metrics.json"):
+            with open(os.path.join(t, name), "wb") as f:
+                f.write(b"x" * 100)
+        with open(os.path.join(t, "last_checkpoint"), "w") as f:
+            f.write(last)
+    assert rp.prune_intermediate_checkpoints(d, 2) == 200
+    assert sorted(os.listdir(os.path.join(d, "trial0"))) == ["last_checkpoint", "metrics.json", "model_final.pth"]
+    assert len(os.listdir(os.path.join(d, "trial1"))) == 5  # its resume still needs model_0000009.pth
+    assert rp.prune_intermediate_checkpoints(str(tmp_path / "absent"), 1) == 0
+
+
 def test_complete_stages_are_skipped_and_stale_ones_rerun(tmp_path):
     pipe = _pipe(tmp_path)
     out = pipe.out

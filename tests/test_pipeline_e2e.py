@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "tools", "run_pipeline.py")
@@ -101,11 +102,15 @@ def test_cut_transfer_stage_resumes_from_checkpoint(pipeline_run):
     out = pipeline_run[0]
     folder = out / "transfer" / "voc" / "kd"
     trial = folder / "trial1"
-    # the state a kill during trial 1 leaves: an intermediate checkpoint, no final model/evaluation
-    inter = sorted(p.name for p in trial.glob("model_0*.pth"))
-    assert inter, list(trial.iterdir())
+    # finished trials keep only model_final.pth (the periodic checkpoints were pruned)
+    assert not list(out.glob("transfer/*/*/trial*/model_0*.pth"))
+    # the state a kill during trial 1 leaves: an intermediate checkpoint (here: the final one relabelled
+    # as iteration 2, where CHECKPOINT_PERIOD 3 writes model_0000002.pth), no final model or evaluation
+    ckpt = torch.load(trial / "model_final.pth", weights_only=True)
+    ckpt["iteration"] = 2
+    torch.save(ckpt, trial / "model_0000002.pth")
     (trial / "model_final.pth").unlink()
-    (trial / "last_checkpoint").write_text(inter[-1])
+    (trial / "last_checkpoint").write_text("model_0000002.pth")
     rows = [r for r in _jsonl(trial / "metrics.json") if "bbox/AP" not in r]
     (trial / "metrics.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (folder / "trials_summary.json").unlink()
@@ -118,4 +123,5 @@ def test_cut_transfer_stage_resumes_from_checkpoint(pipeline_run):
     assert (trial / "model_final.pth").is_file() and (folder / "trials_summary.json").is_file()
     assert os.stat(folder / "trial0" / "model_final.pth").st_mtime_ns == trial0
     resumed = open(trial / "log.txt").read()
-    assert "resum" in resumed.lower()
+    assert "resumed from" in resumed and "at iteration 3" in resumed
+    assert not (trial / "model_0000002.pth").exists() and "removed intermediate checkpoints" in log

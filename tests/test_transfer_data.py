@@ -1,82 +1,21 @@
-"""transfer/data.py: VOC/COCO loading in detectron2's format, clear errors, augmentation, batching.
-
-Also home of `make_shapes_voc`, the small VOC-layout dataset other transfer tests write themselves."""
+"""transfer/data.py: VOC/COCO loading in detectron2's format, clear errors, augmentation, batching."""
 import logging
-import os
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
+from synthetic_voc import SHAPES, register_opts, voc_xml
 
 from transfer import data as tdata
 from transfer.config import load_config
-
-SHAPES = ("square", "circle", "triangle")
-
-
-def _xml(fileid, w, h, objects):
-    objs = "".join(
-        f"<object><name>{n}</name><difficult>{d}</difficult><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin>"
-        f"<xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>" for n, b, d in objects)
-    return (f"<annotation><filename>{fileid}.jpg</filename><size><width>{w}</width><height>{h}</height>"
-            f"<depth>3</depth></size>{objs}</annotation>")
-
-
-def make_shapes_voc(root, n_train=48, n_test=16, size=96, seed=0):
-    """VOC folder of `size`x`size` noisy canvases with 1-3 randomly coloured squares/circles/triangles.
-    Classes are shapes (colour is random), so a detector has to learn shape features. Splits train, test."""
-    rng = np.random.RandomState(seed)
-    for d in ("Annotations", "JPEGImages", "ImageSets/Main"):
-        os.makedirs(os.path.join(root, d), exist_ok=True)
-    splits = {"train": [], "test": []}
-    for i in range(n_train + n_test):
-        fileid = f"{i:05d}"
-        bg = rng.randint(60, 140, size=(size, size, 3)).astype(np.uint8)
-        img = Image.fromarray(bg)
-        draw = ImageDraw.Draw(img)
-        objects, placed = [], []
-        for _ in range(rng.randint(1, 4)):
-            for _try in range(20):
-                s = rng.randint(size // 5, size // 2.5)
-                x0, y0 = rng.randint(0, size - s), rng.randint(0, size - s)
-                if all(x0 + s <= a or a + t <= x0 or y0 + s <= b or b + t <= y0 for a, b, t in placed):
-                    break
-            else:
-                continue
-            placed.append((x0, y0, s))
-            k = rng.randint(3)
-            color = tuple(int(c) for c in rng.randint(0, 256, 3))
-            x1, y1 = x0 + s - 1, y0 + s - 1
-            if k == 0:
-                draw.rectangle([x0, y0, x1, y1], fill=color)
-            elif k == 1:
-                draw.ellipse([x0, y0, x1, y1], fill=color)
-            else:
-                draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill=color)
-            objects.append((SHAPES[k], (x0 + 1, y0 + 1, x1 + 1, y1 + 1), 0))  # 1-based, inclusive
-        img.save(os.path.join(root, "JPEGImages", fileid + ".jpg"), quality=95)
-        with open(os.path.join(root, "Annotations", fileid + ".xml"), "w") as f:
-            f.write(_xml(fileid, size, size, objects))
-        splits["train" if i < n_train else "test"].append(fileid)
-    for name, ids in splits.items():
-        with open(os.path.join(root, "ImageSets", "Main", name + ".txt"), "w") as f:
-            f.write("\n".join(ids) + "\n")
-    return root
-
-
-def register_opts(name, root, split, classes=SHAPES, year=2012):
-    return [f"DATASETS.REGISTER.{name}.TYPE", "voc", f"DATASETS.REGISTER.{name}.ROOT", str(root),
-            f"DATASETS.REGISTER.{name}.SPLIT", split, f"DATASETS.REGISTER.{name}.CLASSES", str(list(classes)),
-            f"DATASETS.REGISTER.{name}.YEAR", str(year)]
-
 
 def _tiny_voc(tmp_path, objects, fileid="a", w=40, h=30):
     root = tmp_path / "voc"
     for d in ("Annotations", "JPEGImages", "ImageSets/Main"):
         (root / d).mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (w, h), (10, 20, 30)).save(root / "JPEGImages" / f"{fileid}.jpg")
-    (root / "Annotations" / f"{fileid}.xml").write_text(_xml(fileid, w, h, objects))
+    (root / "Annotations" / f"{fileid}.xml").write_text(voc_xml(fileid, w, h, objects))
     (root / "ImageSets" / "Main" / "train.txt").write_text(fileid + "\n")
     return root
 
@@ -113,7 +52,7 @@ def test_voc_bad_inputs_name_the_file(tmp_path):
     (root / "Annotations" / "a.xml").write_text("<annotation><size>")
     with pytest.raises(ValueError, match=r"a\.xml: malformed XML"):
         tdata.get_dataset_dicts("t", _cfg(root))
-    (root / "Annotations" / "a.xml").write_text(_xml("a", 40, 30, [("circle", (1, 1, "x", 5), 0)]))
+    (root / "Annotations" / "a.xml").write_text(voc_xml("a", 40, 30, [("circle", (1, 1, "x", 5), 0)]))
     with pytest.raises(ValueError, match=r"a\.xml.*non-numeric <bndbox>"):
         tdata.get_dataset_dicts("t", _cfg(root))
     (root / "JPEGImages" / "a.jpg").unlink()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import shared_path
-from test_transfer_data import make_shapes_voc, register_opts
+from synthetic_voc import register_opts, write_shapes_voc
 from transfer import train_net
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,7 +18,7 @@ CPU_CFG = os.path.join(REPO, "configs", "cpu", "voc_bccd_r18_fpn.yaml")
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    return make_shapes_voc(str(tmp_path_factory.mktemp("shapes")), n_train=40, n_test=40)
+    return write_shapes_voc(str(tmp_path_factory.mktemp("shapes")), n_train=40, n_test=40)
 
 
 def tiny_opts(root, out, max_iter, **over):

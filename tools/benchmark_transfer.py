@@ -15,8 +15,8 @@ How it measures (the same way for both engines):
   * evaluation: each engine's model (random init) and test-time input pipeline run over the first
     --eval-images images of DATASETS.TEST[0], after one untimed warm-up image; wall time per image,
     data loading included.
-`--synthetic` replaces the config's datasets by a small VOC folder of coloured rectangles written to a
-temporary directory (for machines without ../shared). Both engines run in this process one after the
+`--synthetic` replaces the config's datasets by a small VOC folder of coloured shapes (tools/synthetic_voc.py)
+written to a temporary directory (for machines without ../shared). Both engines run in this process one after the
 other; on a busy machine rerun with --repeat to see the spread.
 """
 import argparse
@@ -29,11 +29,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from synthetic_voc import SHAPES, register_opts, write_shapes_voc  # noqa: E402  (tools/, the script's own dir)
 
 DEFAULT_CONFIG = "configs/cpu/voc_bccd_r18_fpn.yaml"
 
@@ -65,38 +65,13 @@ def parse_args(argv=None):
     return a
 
 
-def write_synthetic_voc(root, n_train=16, n_test=8, seed=0):
-    """Two classes of coloured rectangles on grey, 320x240, VOC layout; returns the config opts."""
-    from PIL import Image
-    for d in ("Annotations", "JPEGImages", "ImageSets/Main"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    rng = np.random.RandomState(seed)
-    ids = []
-    for i in range(n_train + n_test):
-        img = np.full((240, 320, 3), 110, np.uint8)
-        objs = []
-        for _ in range(rng.randint(1, 5)):
-            cls = ("red", "blue")[rng.randint(2)]
-            x0, y0 = rng.randint(0, 260), rng.randint(0, 180)
-            x1, y1 = min(x0 + rng.randint(20, 120), 319), min(y0 + rng.randint(20, 120), 239)
-            img[y0:y1, x0:x1] = (220, 40, 40) if cls == "red" else (40, 40, 220)
-            objs.append((cls, x0 + 1, y0 + 1, x1, y1))
-        fid = f"{i:06d}"
-        ids.append(fid)
-        Image.fromarray(img).save(root / "JPEGImages" / f"{fid}.jpg")
-        body = "".join(f"<object><name>{c}</name><difficult>0</difficult><bndbox><xmin>{a}</xmin><ymin>{b}</ymin>"
-                       f"<xmax>{x}</xmax><ymax>{y}</ymax></bndbox></object>" for c, a, b, x, y in objs)
-        (root / "Annotations" / f"{fid}.xml").write_text(
-            f"<annotation><filename>{fid}.jpg</filename><size><width>320</width><height>240</height>"
-            f"<depth>3</depth></size>{body}</annotation>")
-    (root / "ImageSets/Main/train.txt").write_text("\n".join(ids[:n_train]) + "\n")
-    (root / "ImageSets/Main/test.txt").write_text("\n".join(ids[n_train:]) + "\n")
-    opts = []
-    for name, split in (("bench_train", "train"), ("bench_test", "test")):
-        for k, v in (("TYPE", "voc"), ("ROOT", str(root)), ("SPLIT", split), ("CLASSES", "['red', 'blue']")):
-            opts += [f"DATASETS.REGISTER.{name}.{k}", v]
-    return opts + ["DATASETS.TRAIN", "('bench_train',)", "DATASETS.TEST", "('bench_test',)",
-                   "MODEL.ROI_HEADS.NUM_CLASSES", "2"]
+def synthetic_opts(root, n_test):
+    """Write tools/synthetic_voc's shapes (16 train images, `n_test` test images, 320 px) to `root`;
+    returns the config overrides that train and test on it."""
+    write_shapes_voc(root, n_train=16, n_test=n_test, size=320)
+    return (register_opts("bench_train", root, "train") + register_opts("bench_test", root, "test")
+            + ["DATASETS.TRAIN", "('bench_train',)", "DATASETS.TEST", "('bench_test',)",
+               "MODEL.ROI_HEADS.NUM_CLASSES", str(len(SHAPES))])
 
 
 def train_opts(iters, out):
@@ -192,7 +167,7 @@ def main(argv=None):
     base = Path(a.output_dir or tmp.name)
     opts = list(a.opts)
     if a.synthetic:
-        opts = write_synthetic_voc(base / "synthetic_voc") + opts
+        opts = synthetic_opts(base / "synthetic_voc", n_test=a.eval_images + 1) + opts
     engines = list(a.engines)
     if "detectron2" in engines:
         try:

@@ -27,12 +27,12 @@ import importlib.util
 import json
 import os
 import sys
-import xml.etree.ElementTree as ET
 
 import numpy as np
 from PIL import Image
 
 from distill.checkpoint import write_text_atomic
+from synthetic_voc import voc_xml  # tools/, beside this file
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 INK_THRESHOLD = 64  # a pixel is ink when >= this (0..255) after resizing; boxes are tight to it
@@ -196,32 +196,6 @@ def _paste_scene(rng, scene, digits, pool_iter, used):
     return rgb, objects
 
 
-def _voc_xml(image_id, size, objects):
-    ann = ET.Element("annotation")
-    ET.SubElement(ann, "folder").text = "digits"
-    ET.SubElement(ann, "filename").text = f"{image_id}.jpg"
-    sz = ET.SubElement(ann, "size")
-    ET.SubElement(sz, "width").text = str(size)
-    ET.SubElement(sz, "height").text = str(size)
-    ET.SubElement(sz, "depth").text = "3"
-    ET.SubElement(ann, "segmented").text = "0"
-    for x0, y0, x1, y1, label in objects:
-        obj = ET.SubElement(ann, "object")
-        ET.SubElement(obj, "name").text = DIGIT_NAMES[label]
-        ET.SubElement(obj, "pose").text = "Unspecified"
-        ET.SubElement(obj, "truncated").text = "0"
-        ET.SubElement(obj, "difficult").text = "0"
-        bb = ET.SubElement(obj, "bndbox")
-        # VOC stores 1-based inclusive pixel indices; detectron2's loader subtracts 1 from xmin/ymin,
-        # which gives back exactly our continuous [x0, y0, x1, y1]
-        ET.SubElement(bb, "xmin").text = str(x0 + 1)
-        ET.SubElement(bb, "ymin").text = str(y0 + 1)
-        ET.SubElement(bb, "xmax").text = str(x1)
-        ET.SubElement(bb, "ymax").text = str(y1)
-    ET.indent(ann)
-    return ET.tostring(ann, encoding="unicode") + "\n"
-
-
 def write_voc(root, rng, scene, digits, pool, used):
     for sub in ("Annotations", "JPEGImages", os.path.join("ImageSets", "Main")):
         os.makedirs(os.path.join(root, sub), exist_ok=True)
@@ -234,7 +208,10 @@ def write_voc(root, rng, scene, digits, pool, used):
             rgb, objects = _paste_scene(rng, scene, digits, it, used)
             Image.fromarray(rgb).save(os.path.join(root, "JPEGImages", f"{image_id}.jpg"), quality=95)
             with open(os.path.join(root, "Annotations", f"{image_id}.xml"), "w") as f:
-                f.write(_voc_xml(image_id, scene.canvas, objects))
+                # VOC stores 1-based inclusive pixel indices; detectron2's loader subtracts 1 from xmin/ymin,
+                # which gives back exactly our continuous [x0, y0, x1, y1]
+                f.write(voc_xml(image_id, scene.canvas, scene.canvas, folder="digits", objects=[
+                    (DIGIT_NAMES[label], (x0 + 1, y0 + 1, x1, y1), 0) for x0, y0, x1, y1, label in objects]))
             ids[split].append(image_id)
             num_boxes += len(objects)
     main = os.path.join(root, "ImageSets", "Main")

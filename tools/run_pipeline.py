@@ -20,7 +20,6 @@ Layout of --output-dir: data/ (embedded datasets), distill/<teacher|method>/, we
 transfer/<dataset>/<init>/, logs/<stage>.log, timings.json, report.md, results.json, plots/.
 """
 import argparse
-import copy
 import json
 import os
 import queue
@@ -38,6 +37,7 @@ TOOLS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TOOLS)
 sys.path[:0] = [TOOLS, REPO]
 from distill.checkpoint import write_text_atomic  # noqa: E402
+from distill.yaml_config import load_yaml_with_base  # noqa: E402
 import embedded_data  # noqa: E402
 import pipeline_report  # noqa: E402
 
@@ -56,13 +56,6 @@ SCHEMA = {
 
 
 # ---------------------------------------------------------------------------------------- config
-def _merge(base, over):
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def _check_schema(d, schema, path, prefix=""):
     for k, v in d.items():
         if k not in schema:
@@ -77,15 +70,7 @@ def load_pipeline_config(path):
     """Read a pipeline YAML; `_BASE_: other.yaml` (relative to the file) is merged underneath."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"pipeline config {path} does not exist (see {CONFIGS} for the shipped ones)")
-    with open(path) as f:
-        d = yaml.safe_load(f) or {}
-    if not isinstance(d, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level")
-    base = d.pop("_BASE_", None)
-    _check_schema(d, SCHEMA, path)
-    if base:
-        d = _merge(load_pipeline_config(os.path.join(os.path.dirname(path), base)), d)
-    return d
+    return load_yaml_with_base(path, check=lambda d, p: _check_schema(d, SCHEMA, p), what="pipeline config")
 
 
 def validate_config(cfg, path):
@@ -208,6 +193,26 @@ def transfer_state(folder, trials):
     if trials > 1 and not os.path.isfile(os.path.join(folder, "trials_summary.json")):
         return False, "no trials_summary.json yet"
     return True, "AP " + ", ".join(f"{a:.1f}" for a in evals)
+
+
+def prune_intermediate_checkpoints(folder, trials):
+    """Delete the periodic model_XXXXXXX.pth of every trial that finished (last_checkpoint names
+    model_final.pth): they only serve resumption and are most of a run's disk use. Returns bytes freed."""
+    freed = 0
+    for k in range(trials):
+        tdir = trial_dir(folder, k, trials)
+        try:
+            with open(os.path.join(tdir, "last_checkpoint")) as f:
+                if f.read().strip() != "model_final.pth":
+                    continue
+        except FileNotFoundError:
+            continue
+        for name in os.listdir(tdir):
+            if re.fullmatch(r"model_\d{7}\.pth", name):
+                path = os.path.join(tdir, name)
+                freed += os.path.getsize(path)
+                os.remove(path)
+    return freed
 
 
 def transfer_stamp(folder, trials):
@@ -417,6 +422,9 @@ class Pipeline:
                         self.log("    resuming the trials from their last checkpoints")
                         argv = argv[:2] + ["--resume"] + argv[2:]
                     self._run_cmd(stage, argv)
+                    freed = prune_intermediate_checkpoints(folder, trials)
+                    if freed:
+                        self.log(f"    | removed intermediate checkpoints of finished trials ({freed / 2**20:.0f} MiB)")
                 stages.append(Stage(f"transfer:{ds}:{init}", "transfer",
                                     lambda folder=folder: transfer_state(folder, trials), run_transfer,
                                     inputs=([pkl] if pkl else []) + data_inputs + [config_file],

@@ -10,12 +10,11 @@ Loading: `load_config(path, opts)` resolves `_BASE_` chains (paths relative to t
 checks every key of every file against the defaults (the error names the key and the file), merges,
 applies trailing `KEY VALUE` opts, then `validate(cfg)` refuses values the engines do not support.
 """
-import os
 
-import yaml
 from fvcore.common.config import CfgNode as _FvCfgNode
 
-BASE_KEY = "_BASE_"
+from distill.yaml_config import load_yaml_with_base
+
 # Keys a `DATASETS.REGISTER.<name>` entry may hold (see transfer/data.py).
 REGISTER_KEYS = {"TYPE", "ROOT", "SPLIT", "CLASSES", "YEAR", "IMAGE_ROOT", "JSON_FILE"}
 
@@ -195,8 +194,6 @@ def _check_keys(data, node, path, prefix=""):
         raise ValueError(f"{path}: expected a mapping at '{prefix or '<top level>'}', got {data!r}")
     for k, v in data.items():
         full = f"{prefix}{k}"
-        if prefix == "" and k == BASE_KEY:
-            continue
         if full == "DATASETS.REGISTER":
             _check_register(v, path)
             continue
@@ -219,40 +216,6 @@ def _check_register(reg, path):
                 raise KeyError(
                     f"{path}: unknown config key 'DATASETS.REGISTER.{name}.{k}'; allowed: "
                     f"{sorted(REGISTER_KEYS)}")
-
-
-def _load_yaml_with_base(path, seen=()):
-    """Read `path`, merging its `_BASE_` chain (base first); check each file's keys on the way."""
-    path = os.path.abspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path} does not exist")
-    if path in seen:
-        raise ValueError(f"{path}: _BASE_ cycle through {list(seen)}")
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML: {e}") from e
-    _check_keys(data, get_cfg(), path)
-    bases = data.pop(BASE_KEY, None)
-    if bases is None:
-        return data
-    merged = {}
-    for base in [bases] if isinstance(bases, str) else list(bases):
-        base_path = os.path.expanduser(base)
-        if not os.path.isabs(base_path):
-            base_path = os.path.join(os.path.dirname(path), base_path)
-        _deep_update(merged, _load_yaml_with_base(base_path, seen + (path,)))
-    _deep_update(merged, data)
-    return merged
-
-
-def _deep_update(dst, src):
-    for k, v in src.items():
-        if isinstance(v, dict) and isinstance(dst.get(k), dict):
-            _deep_update(dst[k], v)
-        else:
-            dst[k] = v
 
 
 def merge_opts(cfg, opts):
@@ -291,7 +254,7 @@ def load_config(path=None, opts=(), validate_cfg=True):
     """Defaults <- YAML file (with `_BASE_`) <- `KEY VALUE` opts, validated. Returns a frozen node."""
     cfg = get_cfg()
     if path:
-        data = _load_yaml_with_base(path)
+        data = load_yaml_with_base(path, check=lambda d, p: _check_keys(d, get_cfg(), p))
         try:
             cfg.merge_from_other_cfg(CN(data))
         except (KeyError, ValueError, AssertionError) as e:

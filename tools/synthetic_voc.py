@@ -1,0 +1,96 @@
+"""A small PASCAL VOC-layout detection dataset of coloured shapes, written in a second.
+
+Used where real data may be absent: the tests, `tools/benchmark_transfer.py --synthetic`, and anyone
+who wants to try `transfer/train_net.py` without a dataset. Also home of `voc_xml`, the one VOC
+annotation writer (the embedded digits dataset uses it too).
+
+Layout written under ROOT (what transfer/data.py and detectron2 read):
+
+    Annotations/<id>.xml   JPEGImages/<id>.jpg   ImageSets/Main/{train,test}.txt
+
+Images are `size`x`size` noisy grey canvases with 1-3 non-overlapping squares, circles or triangles
+of random colour, so a detector has to learn shape, not colour. Deterministic given the seed.
+"""
+import os
+import xml.etree.ElementTree as ET
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("square", "circle", "triangle")
+
+
+def voc_xml(image_id, width, height, objects, folder="VOC"):
+    """VOC annotation text. `objects`: (class name, (xmin, ymin, xmax, ymax), difficult) with VOC's
+    1-based inclusive pixel coordinates (detectron2's loader subtracts 1 from xmin/ymin)."""
+    ann = ET.Element("annotation")
+    ET.SubElement(ann, "folder").text = folder
+    ET.SubElement(ann, "filename").text = f"{image_id}.jpg"
+    sz = ET.SubElement(ann, "size")
+    for tag, v in (("width", width), ("height", height), ("depth", 3)):
+        ET.SubElement(sz, tag).text = str(v)
+    ET.SubElement(ann, "segmented").text = "0"
+    for name, box, difficult in objects:
+        obj = ET.SubElement(ann, "object")
+        ET.SubElement(obj, "name").text = name
+        ET.SubElement(obj, "pose").text = "Unspecified"
+        ET.SubElement(obj, "truncated").text = "0"
+        ET.SubElement(obj, "difficult").text = str(difficult)
+        bb = ET.SubElement(obj, "bndbox")
+        for tag, v in zip(("xmin", "ymin", "xmax", "ymax"), box):
+            ET.SubElement(bb, tag).text = str(v)
+    ET.indent(ann)
+    return ET.tostring(ann, encoding="unicode") + "\n"
+
+
+def _draw_shapes(rng, size):
+    """One canvas and its objects (VOC boxes, see voc_xml)."""
+    img = Image.fromarray(rng.randint(60, 140, size=(size, size, 3)).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    objects, placed = [], []
+    for _ in range(rng.randint(1, 4)):
+        for _try in range(20):
+            s = rng.randint(size // 5, size // 2.5)
+            x0, y0 = rng.randint(0, size - s), rng.randint(0, size - s)
+            if all(x0 + s <= a or a + t <= x0 or y0 + s <= b or b + t <= y0 for a, b, t in placed):
+                break
+        else:
+            continue  # no free spot: fewer objects on this canvas
+        placed.append((x0, y0, s))
+        k = rng.randint(3)
+        color = tuple(int(c) for c in rng.randint(0, 256, 3))
+        x1, y1 = x0 + s - 1, y0 + s - 1
+        if k == 0:
+            draw.rectangle([x0, y0, x1, y1], fill=color)
+        elif k == 1:
+            draw.ellipse([x0, y0, x1, y1], fill=color)
+        else:
+            draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill=color)
+        objects.append((SHAPES[k], (x0 + 1, y0 + 1, x1 + 1, y1 + 1), 0))
+    return img, objects
+
+
+def write_shapes_voc(root, n_train=48, n_test=16, size=96, seed=0):
+    """Write the dataset (splits `train`, `test`; classes SHAPES) under `root`; returns `root`."""
+    rng = np.random.RandomState(seed)
+    for d in ("Annotations", "JPEGImages", os.path.join("ImageSets", "Main")):
+        os.makedirs(os.path.join(root, d), exist_ok=True)
+    splits = {"train": [], "test": []}
+    for i in range(n_train + n_test):
+        image_id = f"{i:05d}"
+        img, objects = _draw_shapes(rng, size)
+        img.save(os.path.join(root, "JPEGImages", image_id + ".jpg"), quality=95)
+        with open(os.path.join(root, "Annotations", image_id + ".xml"), "w") as f:
+            f.write(voc_xml(image_id, size, size, objects, folder="shapes"))
+        splits["train" if i < n_train else "test"].append(image_id)
+    for name, ids in splits.items():
+        with open(os.path.join(root, "ImageSets", "Main", name + ".txt"), "w") as f:
+            f.write("\n".join(ids) + "\n")
+    return root
+
+
+def register_opts(name, root, split, classes=SHAPES, year=2012):
+    """`KEY VALUE` overrides that register `root`'s `split` as dataset `name` (DATASETS.REGISTER)."""
+    return [f"DATASETS.REGISTER.{name}.TYPE", "voc", f"DATASETS.REGISTER.{name}.ROOT", str(root),
+            f"DATASETS.REGISTER.{name}.SPLIT", split, f"DATASETS.REGISTER.{name}.CLASSES", str(list(classes)),
+            f"DATASETS.REGISTER.{name}.YEAR", str(year)]
