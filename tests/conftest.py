@@ -7,7 +7,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-for _p in (REPO, REPO / "tools"):  # the package dirs and the tools' modules (e.g. synthetic_voc)
+for _p in (REPO, REPO / "tools"):  # the package dirs and the tools' modules (e.g. synthetic_shapes)
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 

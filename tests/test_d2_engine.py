@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from synthetic_voc import SHAPES, write_shapes_voc
+from synthetic_shapes import SHAPES, write_shapes
 
 pytest.importorskip("detectron2")
 pytestmark = pytest.mark.detectron2
@@ -60,7 +60,7 @@ def metrics_lines(out):
 def trained(tmp_path_factory):
     """One 3-iteration training run shared by the tests below."""
     base = tmp_path_factory.mktemp("d2")
-    voc = write_shapes_voc(base / "voc", n_train=6, n_test=2)
+    voc = write_shapes(base / "voc", n_train=6, n_test=2)
     out = base / "run_a"
     res = d2_engine.run(CONFIG, tiny_opts(voc, out), args())
     return voc, out, res
@@ -125,7 +125,7 @@ def test_converted_backbone_loads_into_the_c4_model(tmp_path):
     from detectron2.modeling import build_model
     from transfer.d2_format import save_d2_file, torchvision_to_d2
 
-    voc = write_shapes_voc(tmp_path / "voc", n_train=1, n_test=1)
+    voc = write_shapes(tmp_path / "voc", n_train=1, n_test=1)
     tv = torchvision.models.resnet50()
     pkl = tmp_path / "r50.pkl"
     save_d2_file(torchvision_to_d2(tv.state_dict()).model, pkl)
@@ -144,7 +144,7 @@ def test_converted_backbone_loads_into_the_c4_model(tmp_path):
 
 
 def test_bad_inputs_are_reported_before_building_anything(tmp_path):
-    voc = write_shapes_voc(tmp_path / "voc", n_train=1, n_test=1)
+    voc = write_shapes(tmp_path / "voc", n_train=1, n_test=1)
     out = tmp_path / "o"
     with pytest.raises(FileNotFoundError, match="nowhere"):
         d2_engine.run(CONFIG, tiny_opts(voc, out, **{"DATASETS.REGISTER.shapes_test.ROOT": str(tmp_path / "nowhere")}),

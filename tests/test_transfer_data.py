@@ -1,11 +1,12 @@
 """transfer/data.py: VOC/COCO loading in detectron2's format, clear errors, augmentation, batching."""
 import logging
+import os
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from synthetic_voc import SHAPES, register_opts, voc_xml
+from synthetic_shapes import SHAPES, register_opts, voc_xml
 
 from transfer import data as tdata
 from transfer.config import load_config
@@ -132,3 +133,16 @@ def test_train_stream_is_deterministic_and_grouped():
     assert not np.array_equal(a, c)
     # the first epoch of the ungrouped stream is a permutation
     assert sorted(c[:7].reshape(-1)[:28].tolist()) == sorted(set(c[:7].reshape(-1)[:28].tolist()))
+
+
+def test_synthetic_shapes_read_the_same_as_voc_and_as_coco(tmp_path):
+    """tools/synthetic_shapes.py writes one dataset in both formats: both loaders see the same boxes/classes."""
+    from synthetic_shapes import write_shapes
+    root = write_shapes(str(tmp_path / "s"), n_train=5, n_test=3)
+    voc = tdata.load_voc(root, "test", SHAPES)
+    coco = tdata.load_coco(os.path.join(root, "annotations", "instances_test.json"), os.path.join(root, "JPEGImages"))
+    assert len(voc) == len(coco) == 3
+    for v, c in zip(voc, coco):
+        assert v["file_name"] == c["file_name"] and (v["height"], v["width"]) == (c["height"], c["width"])
+        key = lambda a: (a["bbox"], a["category_id"])  # noqa: E731
+        assert sorted(map(key, v["annotations"])) == sorted(map(key, c["annotations"])) and v["annotations"]

@@ -12,10 +12,10 @@ How it measures (the same way for both engines):
     periodic checkpoint) and reports the median step time (data loading + forward + backward +
     optimizer step) in its metrics.json "time" field, over every step for both engines (detectron2's
     IterationTimer, which normally skips its first 3 steps, is told not to, here only);
-  * evaluation: each engine's model (random init) and test-time input pipeline run over the first
-    --eval-images images of DATASETS.TEST[0], after one untimed warm-up image; wall time per image,
-    data loading included.
-`--synthetic` replaces the config's datasets by a small VOC folder of coloured shapes (tools/synthetic_voc.py)
+  * evaluation: each engine's model (random init) and its own test loader (same DATALOADER.NUM_WORKERS)
+    run over the first --eval-images images of DATASETS.TEST[0], after one untimed warm-up image; wall
+    time per image, data loading included.
+`--synthetic` replaces the config's datasets by a small VOC folder of coloured shapes (tools/synthetic_shapes.py)
 written to a temporary directory (for machines without ../shared). Both engines run in this process one after the
 other; on a busy machine rerun with --repeat to see the spread.
 """
@@ -33,7 +33,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from synthetic_voc import SHAPES, register_opts, write_shapes_voc  # noqa: E402  (tools/, the script's own dir)
+from synthetic_shapes import SHAPES, register_opts, write_shapes  # noqa: E402  (tools/, the script's own dir)
 
 DEFAULT_CONFIG = "configs/cpu/voc_bccd_r18_fpn.yaml"
 
@@ -44,7 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--config", "--config-file", dest="config", default=DEFAULT_CONFIG,
                    help=f"transfer config YAML (default: {DEFAULT_CONFIG})")
     p.add_argument("--iters", type=int, default=5, help="training iterations per engine (default 5, at least 2)")
-    p.add_argument("--eval-images", type=int, default=3, help="timed test images per engine (default 3)")
+    p.add_argument("--eval-images", type=int, default=20, help="timed test images per engine (default 20)")
     p.add_argument("--engines", default="torchvision,detectron2",
                    help="comma-separated subset of torchvision,detectron2 (default: both)")
     p.add_argument("--repeat", type=int, default=1, help="measure each engine this many times, alternating")
@@ -66,9 +66,9 @@ def parse_args(argv=None):
 
 
 def synthetic_opts(root, n_test):
-    """Write tools/synthetic_voc's shapes (16 train images, `n_test` test images, 320 px) to `root`;
+    """Write tools/synthetic_shapes's shapes (16 train images, `n_test` test images, 320 px) to `root`;
     returns the config overrides that train and test on it."""
-    write_shapes_voc(root, n_train=16, n_test=n_test, size=320)
+    write_shapes(root, n_train=16, n_test=n_test, size=320)
     return (register_opts("bench_train", root, "train") + register_opts("bench_test", root, "test")
             + ["DATASETS.TRAIN", "('bench_train',)", "DATASETS.TEST", "('bench_test',)",
                "MODEL.ROI_HEADS.NUM_CLASSES", str(len(SHAPES))])
@@ -129,7 +129,7 @@ def bench_torchvision(config, opts, iters, n_eval, out):
 # detectron2 engine
 # ----------------------------------------------------------------------------------------------------
 def bench_detectron2(config, opts, iters, n_eval, out):
-    from detectron2.data import DatasetMapper
+    from detectron2.data import DatasetMapper, build_detection_test_loader
     from detectron2.modeling import build_model
 
     from transfer import d2_engine
@@ -153,21 +153,32 @@ def bench_detectron2(config, opts, iters, n_eval, out):
     name = cfg.DATASETS.TEST[0]
     dicts = tdata.get_dataset_dicts(name, cfg)[: n_eval + 1]
     model = build_model(cfg).eval()
-    mapper = DatasetMapper(cfg, is_train=False)  # detectron2's test-time pipeline
+    # detectron2's own test loader and test-time pipeline, with the workers the torchvision engine gets
+    loader = build_detection_test_loader(dicts, mapper=DatasetMapper(cfg, is_train=False),
+                                         num_workers=cfg.DATALOADER.NUM_WORKERS)
     with torch.no_grad():
-        per_image = _timed_loop((mapper(d) for d in dicts), lambda x: model([x]))
+        per_image = _timed_loop(loader, lambda batch: model(batch))
     return train, per_image
 
 
 def main(argv=None):
     a = parse_args(argv)
+    cwd = os.getcwd()
     os.chdir(REPO)  # configs name ../shared relative to the repository root
     logging.disable(logging.INFO)  # the engines' logs would drown the table (errors still show)
+    try:
+        return _measure(a)
+    finally:
+        logging.disable(logging.NOTSET)
+        os.chdir(cwd)
+
+
+def _measure(a):
     tmp = tempfile.TemporaryDirectory(prefix="bench_transfer_")
     base = Path(a.output_dir or tmp.name)
     opts = list(a.opts)
     if a.synthetic:
-        opts = synthetic_opts(base / "synthetic_voc", n_test=a.eval_images + 1) + opts
+        opts = synthetic_opts(base / "synthetic_shapes", n_test=a.eval_images + 1) + opts
     engines = list(a.engines)
     if "detectron2" in engines:
         try:

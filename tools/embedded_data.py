@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from distill.checkpoint import write_text_atomic
-from synthetic_voc import voc_xml  # tools/, beside this file
+from synthetic_shapes import voc_xml  # tools/, beside this file
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 INK_THRESHOLD = 64  # a pixel is ink when >= this (0..255) after resizing; boxes are tight to it

@@ -1,16 +1,19 @@
-"""A small PASCAL VOC-layout detection dataset of coloured shapes, written in a second.
+"""A small detection dataset of coloured shapes, written in a second in both PASCAL VOC and COCO format.
 
 Used where real data may be absent: the tests, `tools/benchmark_transfer.py --synthetic`, and anyone
 who wants to try `transfer/train_net.py` without a dataset. Also home of `voc_xml`, the one VOC
 annotation writer (the embedded digits dataset uses it too).
 
-Layout written under ROOT (what transfer/data.py and detectron2 read):
+Layout written under ROOT (what transfer/data.py and detectron2 read); both formats describe the same
+images and boxes:
 
-    Annotations/<id>.xml   JPEGImages/<id>.jpg   ImageSets/Main/{train,test}.txt
+    Annotations/<id>.xml   JPEGImages/<id>.jpg   ImageSets/Main/{train,test}.txt      (VOC)
+    annotations/instances_{train,test}.json  (COCO; images are JPEGImages/, category ids 1..3)
 
 Images are `size`x`size` noisy grey canvases with 1-3 non-overlapping squares, circles or triangles
 of random colour, so a detector has to learn shape, not colour. Deterministic given the seed.
 """
+import json
 import os
 import xml.etree.ElementTree as ET
 
@@ -70,27 +73,43 @@ def _draw_shapes(rng, size):
     return img, objects
 
 
-def write_shapes_voc(root, n_train=48, n_test=16, size=96, seed=0):
+def write_shapes(root, n_train=48, n_test=16, size=96, seed=0):
     """Write the dataset (splits `train`, `test`; classes SHAPES) under `root`; returns `root`."""
     rng = np.random.RandomState(seed)
-    for d in ("Annotations", "JPEGImages", os.path.join("ImageSets", "Main")):
+    for d in ("Annotations", "JPEGImages", os.path.join("ImageSets", "Main"), "annotations"):
         os.makedirs(os.path.join(root, d), exist_ok=True)
     splits = {"train": [], "test": []}
+    coco = {split: {"images": [], "annotations": [], "categories": [
+        {"id": k + 1, "name": name, "supercategory": "shape"} for k, name in enumerate(SHAPES)]} for split in splits}
     for i in range(n_train + n_test):
         image_id = f"{i:05d}"
+        split = "train" if i < n_train else "test"
         img, objects = _draw_shapes(rng, size)
         img.save(os.path.join(root, "JPEGImages", image_id + ".jpg"), quality=95)
         with open(os.path.join(root, "Annotations", image_id + ".xml"), "w") as f:
             f.write(voc_xml(image_id, size, size, objects, folder="shapes"))
-        splits["train" if i < n_train else "test"].append(image_id)
+        splits[split].append(image_id)
+        coco[split]["images"].append({"id": i + 1, "file_name": image_id + ".jpg", "width": size, "height": size})
+        for name, (x0, y0, x1, y1), _ in objects:
+            # VOC's 1-based inclusive box -> COCO's continuous [x, y, w, h] (the same box once loaded)
+            box = [x0 - 1, y0 - 1, x1 - x0 + 1, y1 - y0 + 1]
+            coco[split]["annotations"].append({
+                "id": len(coco[split]["annotations"]) + 1, "image_id": i + 1, "category_id": SHAPES.index(name) + 1,
+                "bbox": box, "area": box[2] * box[3], "iscrowd": 0})
     for name, ids in splits.items():
         with open(os.path.join(root, "ImageSets", "Main", name + ".txt"), "w") as f:
             f.write("\n".join(ids) + "\n")
+        with open(os.path.join(root, "annotations", f"instances_{name}.json"), "w") as f:
+            json.dump(coco[name], f)
     return root
 
 
-def register_opts(name, root, split, classes=SHAPES, year=2012):
-    """`KEY VALUE` overrides that register `root`'s `split` as dataset `name` (DATASETS.REGISTER)."""
-    return [f"DATASETS.REGISTER.{name}.TYPE", "voc", f"DATASETS.REGISTER.{name}.ROOT", str(root),
-            f"DATASETS.REGISTER.{name}.SPLIT", split, f"DATASETS.REGISTER.{name}.CLASSES", str(list(classes)),
-            f"DATASETS.REGISTER.{name}.YEAR", str(year)]
+def register_opts(name, root, split, classes=SHAPES, year=2012, fmt="voc"):
+    """`KEY VALUE` overrides that register `root`'s `split` as dataset `name` (DATASETS.REGISTER), read
+    as VOC (`classes` in that order, `year` picks the metric) or as COCO (`fmt="coco"`)."""
+    reg = f"DATASETS.REGISTER.{name}."
+    if fmt == "coco":
+        return [reg + "TYPE", "coco", reg + "IMAGE_ROOT", os.path.join(str(root), "JPEGImages"),
+                reg + "JSON_FILE", os.path.join(str(root), "annotations", f"instances_{split}.json")]
+    return [reg + "TYPE", "voc", reg + "ROOT", str(root), reg + "SPLIT", split, reg + "CLASSES", str(list(classes)),
+            reg + "YEAR", str(year)]
