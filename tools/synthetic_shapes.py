@@ -1,7 +1,6 @@
 """A small detection dataset of coloured shapes, written in a second in both PASCAL VOC and COCO format.
 
-Used where real data may be absent: the tests, `tools/benchmark_transfer.py --synthetic`, and anyone
-who wants to try `transfer/train_net.py` without a dataset. Also home of `voc_xml`, the one VOC
+Used where real data may be absent: the tests and `tools/benchmark_transfer.py --synthetic`. Also home of `voc_xml`, the one VOC
 annotation writer (the embedded digits dataset uses it too).
 
 Layout written under ROOT (what transfer/data.py and detectron2 read); both formats describe the same
