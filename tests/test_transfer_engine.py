@@ -248,37 +248,32 @@ def bccd_transfer(tmp_path_factory):
     from transfer.data import load_voc
 
     root = shared_path("data", "voc_bccd")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        work = tmp_path_factory.mktemp("bccd_transfer")
-        counts = write_object_crops(load_voc(str(root), "trainval", BCCD_CLASSES), BCCD_CLASSES,
-                                    str(work / "crops"), seed=BCCD_SEED)
-        assert min(counts.values()) > 250, counts
-        pretrain = train_imagenet.main([
-            str(work / "crops"), "-a", "resnet18", "--method", "supervised", "--epochs", "1", "-b", "32",
-            "--lr", "0.05", "--crop-size", "48", "--val-resize", "56", "-j", "0", "--device", "cpu",
-            "--print-freq", "50", "--seed", str(BCCD_SEED), "--output-dir", str(work / "pretrain")])
-        backbone = torch.load(work / "pretrain" / "student_backbone.pth", weights_only=True)
-        pkl = work / "r18_bccd_crops.pkl"
-        save_d2_file(torchvision_to_d2(backbone).model, str(pkl))
+    work = tmp_path_factory.mktemp("bccd_transfer")
+    counts = write_object_crops(load_voc(str(root), "trainval", BCCD_CLASSES), BCCD_CLASSES,
+                                str(work / "crops"), seed=BCCD_SEED)
+    assert min(counts.values()) > 250, counts
+    pretrain = train_imagenet.main([
+        str(work / "crops"), "-a", "resnet18", "--method", "supervised", "--epochs", "1", "-b", "32",
+        "--lr", "0.05", "--crop-size", "48", "--val-resize", "56", "-j", "0", "--device", "cpu",
+        "--print-freq", "50", "--seed", str(BCCD_SEED), "--output-dir", str(work / "pretrain")])
+    backbone = torch.load(work / "pretrain" / "student_backbone.pth", weights_only=True)
+    pkl = work / "r18_bccd_crops.pkl"
+    save_d2_file(torchvision_to_d2(backbone).model, str(pkl))
 
-        runs = {"pretrain": pretrain}
-        cfg = os.path.join(REPO, "configs", "cpu", "voc_bccd_r18_fpn.yaml")
-        for name, weights in (("pretrained", str(pkl)), ("scratch", "")):
-            out = work / name
-            data = _shared_data_opts("voc_bccd", root)
-            res = train_net.main(["--engine", "torchvision", "--config", cfg] + data + [
-                "MODEL.WEIGHTS", weights, "SOLVER.MAX_ITER", "40", "SOLVER.IMS_PER_BATCH", "2",
-                "SOLVER.BASE_LR", "0.005", "SOLVER.STEPS", "(32,)", "SOLVER.WARMUP_ITERS", "10",
-                "SOLVER.CHECKPOINT_PERIOD", "1000", "INPUT.MIN_SIZE_TRAIN", "(112,)", "INPUT.MAX_SIZE_TRAIN", "190",
-                "INPUT.MIN_SIZE_TEST", "112", "INPUT.MAX_SIZE_TEST", "190", "TEST.PRECISE_BN.ENABLED", "False",
-                "DATALOADER.NUM_WORKERS", "0", "SEED", str(BCCD_SEED), "OUTPUT_DIR", str(out)])
-            runs[name] = (res, [r for r in read_metrics(out) if "total_loss" in r])
-            runs[name + "_log"] = (out / "log.txt").read_text()
-        return runs
-    finally:
-        torch.set_num_threads(threads)
+    runs = {"pretrain": pretrain}
+    cfg = os.path.join(REPO, "configs", "cpu", "voc_bccd_r18_fpn.yaml")
+    for name, weights in (("pretrained", str(pkl)), ("scratch", "")):
+        out = work / name
+        data = _shared_data_opts("voc_bccd", root)
+        res = train_net.main(["--engine", "torchvision", "--config", cfg] + data + [
+            "MODEL.WEIGHTS", weights, "SOLVER.MAX_ITER", "40", "SOLVER.IMS_PER_BATCH", "2",
+            "SOLVER.BASE_LR", "0.005", "SOLVER.STEPS", "(32,)", "SOLVER.WARMUP_ITERS", "10",
+            "SOLVER.CHECKPOINT_PERIOD", "1000", "INPUT.MIN_SIZE_TRAIN", "(112,)", "INPUT.MAX_SIZE_TRAIN", "190",
+            "INPUT.MIN_SIZE_TEST", "112", "INPUT.MAX_SIZE_TEST", "190", "TEST.PRECISE_BN.ENABLED", "False",
+            "DATALOADER.NUM_WORKERS", "0", "SEED", str(BCCD_SEED), "OUTPUT_DIR", str(out)])
+        runs[name] = (res, [r for r in read_metrics(out) if "total_loss" in r])
+        runs[name + "_log"] = (out / "log.txt").read_text()
+    return runs
 
 
 @pytest.mark.slow
@@ -335,28 +330,23 @@ def shapes_pretrained_pkl(tmp_path_factory):
     import torchvision
     from transfer.d2_format import save_d2_file, torchvision_to_d2
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        torch.manual_seed(0)
-        rng = np.random.RandomState(0)
-        net = torchvision.models.resnet18(num_classes=3)
-        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-        mean = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
-        std = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
-        net.train()
-        for step in range(150):
-            x, y = _shape_batch(rng, 32)
-            loss = torch.nn.functional.cross_entropy(net((x.float() - mean) / std), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        net.eval()
-        with torch.no_grad():
-            x, y = _shape_batch(np.random.RandomState(1), 200)
-            acc = (net((x.float() - mean) / std).argmax(1) == y).float().mean().item()
-    finally:
-        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    rng = np.random.RandomState(0)
+    net = torchvision.models.resnet18(num_classes=3)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    mean = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
+    std = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
+    net.train()
+    for step in range(150):
+        x, y = _shape_batch(rng, 32)
+        loss = torch.nn.functional.cross_entropy(net((x.float() - mean) / std), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    with torch.no_grad():
+        x, y = _shape_batch(np.random.RandomState(1), 200)
+        acc = (net((x.float() - mean) / std).argmax(1) == y).float().mean().item()
     assert acc > 0.8, f"pretraining did not learn the shapes (accuracy {acc:.2f})"
     pkl = tmp_path_factory.mktemp("shapes_pretrained") / "r18.pkl"
     save_d2_file(torchvision_to_d2(net.state_dict()).model, pkl)

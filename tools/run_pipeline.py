@@ -484,10 +484,10 @@ class Pipeline:
                                  f"{[s.name for s in chosen]}")
             chosen = chosen[:last[-1] + 1]
         names = {s.name for s in chosen}
-        for s in chosen:
+        for i, s in enumerate(chosen, 1):
             s.deps = names - {s.name} if s.group == "report" else \
                 {self._producer(p) for p in s.inputs} & names
-            s.index = chosen.index(s) + 1
+            s.index = i
         timings = _load_json(self.timings_path, {})
         total, t_all = len(chosen), time.time()
         self.log(f"pipeline: {total} stages, up to {jobs} at a time, output in {self.out}")

@@ -1,7 +1,8 @@
 """A small detection dataset of coloured shapes, written in a second in both PASCAL VOC and COCO format.
 
-Used where real data may be absent: the tests and `tools/benchmark_transfer.py --synthetic`. Also home of `voc_xml`, the one VOC
-annotation writer (the embedded digits dataset uses it too).
+Used where real data may be absent: the tests and `tools/benchmark_transfer.py --synthetic`. Also home
+of `voc_xml`, the one VOC annotation writer, and of `coco_annotation`, the one COCO box record (the
+embedded digits use both).
 
 Layout written under ROOT (what transfer/data.py and detectron2 read); both formats describe the same
 images and boxes:
@@ -43,6 +44,14 @@ def voc_xml(image_id, width, height, objects, folder="VOC"):
             ET.SubElement(bb, tag).text = str(v)
     ET.indent(ann)
     return ET.tostring(ann, encoding="unicode") + "\n"
+
+
+def coco_annotation(ann_id, image_id, category_id, box):
+    """COCO instance record of `box` = continuous (x0, y0, x1, y1) pixels (the one COCO box writer)."""
+    x0, y0, x1, y1 = box
+    w, h = x1 - x0, y1 - y0
+    return {"id": ann_id, "image_id": image_id, "category_id": category_id, "bbox": [x0, y0, w, h],
+            "area": float(w * h), "iscrowd": 0}
 
 
 def _draw_shapes(rng, size):
@@ -89,12 +98,10 @@ def write_shapes(root, n_train=48, n_test=16, size=96, seed=0):
             f.write(voc_xml(image_id, size, size, objects, folder="shapes"))
         splits[split].append(image_id)
         coco[split]["images"].append({"id": i + 1, "file_name": image_id + ".jpg", "width": size, "height": size})
+        anns = coco[split]["annotations"]
         for name, (x0, y0, x1, y1), _ in objects:
-            # VOC's 1-based inclusive box -> COCO's continuous [x, y, w, h] (the same box once loaded)
-            box = [x0 - 1, y0 - 1, x1 - x0 + 1, y1 - y0 + 1]
-            coco[split]["annotations"].append({
-                "id": len(coco[split]["annotations"]) + 1, "image_id": i + 1, "category_id": SHAPES.index(name) + 1,
-                "bbox": box, "area": box[2] * box[3], "iscrowd": 0})
+            # VOC's 1-based inclusive box -> continuous coordinates (the same box once loaded)
+            anns.append(coco_annotation(len(anns) + 1, i + 1, SHAPES.index(name) + 1, (x0 - 1, y0 - 1, x1, y1)))
     for name, ids in splits.items():
         with open(os.path.join(root, "ImageSets", "Main", name + ".txt"), "w") as f:
             f.write("\n".join(ids) + "\n")

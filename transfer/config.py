@@ -242,9 +242,7 @@ def merge_opts(cfg, opts):
             node = node[part]
         plain += [k, v]
     try:
-        cfg.merge_from_list(plain)
-    except KeyError as e:
-        raise KeyError(f"command line: unknown config key in {plain[0::2]}: {e}") from e
+        cfg.merge_from_list(plain)  # every key exists (checked above); values may still be refused
     except (ValueError, AssertionError) as e:
         raise ValueError(f"command line override {plain}: {e}") from e
     return cfg
@@ -254,7 +252,7 @@ def load_config(path=None, opts=(), validate_cfg=True):
     """Defaults <- YAML file (with `_BASE_`) <- `KEY VALUE` opts, validated. Returns a frozen node."""
     cfg = get_cfg()
     if path:
-        data = load_yaml_with_base(path, check=lambda d, p: _check_keys(d, get_cfg(), p))
+        data = load_yaml_with_base(path, check=lambda d, p: _check_keys(d, cfg, p))  # cfg: still the defaults
         try:
             cfg.merge_from_other_cfg(CN(data))
         except (KeyError, ValueError, AssertionError) as e:
