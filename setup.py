@@ -5,7 +5,7 @@ setup(
     name="cocord-transfer",
     version="0.1.0",
     description="Contrastive Consistent Representation Distillation (CoCoRD) with detection transfer",
-    packages=find_packages(include=["distill", "distill.*", "transfer", "transfer.*"]),
+    packages=find_packages(include=["cocord_common", "cocord_common.*", "distill", "distill.*", "transfer", "transfer.*"]),
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.0",

@@ -17,7 +17,8 @@ Per step, with views [x_s, x_s', x_t] of the same images:
      any key is computed
   3. keys: k+ = normalize(proj_t(teacher(x_t))), slow(x_s), slow(x_s')  (no grad)
   4. losses (fp32): InfoNCE over [q.k+, q.queue] / tau (target 0), prediction loss
-     mean of D(pred(z_s), slow(x_s')) and D(pred(z_s'), slow(x_s)), D = 2 - 2 cos, CE on x_s
+     D(pred(z_s), slow(x_s')) + D(pred(z_s'), slow(x_s)) (the sum, as in the authors' code), D = 2 - 2 cos,
+     CE on x_s
   5. enqueue the keys of all ranks (FIFO of K negatives, wrap-around, no K % B requirement); the write
      itself is deferred to the next forward / state_dict() so that backward can use the queue uncopied
 """
@@ -149,8 +150,9 @@ class CoCoRD(Method):
             logits_con = torch.cat([l_pos, l_neg], dim=1) / self.tau             # [B, 1+K]
             zeros = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
             loss_con = F.cross_entropy(logits_con, zeros)
-            loss_pred = 0.5 * (prediction_loss(fp32(p_s), fp32(slow_s2))
-                               + prediction_loss(fp32(p_s2), fp32(slow_s)))
+            # the two distances are added, not averaged (authors' code): about 4 at init, 16 weighted
+            loss_pred = (prediction_loss(fp32(p_s), fp32(slow_s2))
+                         + prediction_loss(fp32(p_s2), fp32(slow_s)))
             loss_ce = F.cross_entropy(fp32(logits), target)
             losses = {"ce": self.w_ce * loss_ce, "contrast": self.w_contrast * loss_con,
                       "pred": self.w_pred * loss_pred}

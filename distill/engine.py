@@ -1,15 +1,13 @@
-"""The distillation loop's pieces: one training step, one epoch, validation, LR schedule, progress
-output and RNG state capture. No argparse and no file layout here (train_imagenet.py owns those).
+"""The distillation loop's pieces: one training step, one epoch, validation, LR schedule and progress
+output. No argparse and no file layout here (train_imagenet.py owns those).
 """
 import contextlib
 import math
-import random
 import time
 
-import numpy as np
 import torch
 
-from . import dist
+from cocord_common import dist
 
 
 # ---------------------------------------------------------------- LR schedule (stepped per epoch)
@@ -37,31 +35,6 @@ def autocast(device, amp):
 def build_scaler(device, amp):
     """GradScaler for fp16 (loss scaling); disabled (a pass-through) for bf16 and off."""
     return torch.amp.GradScaler(device.type, enabled=(amp == "fp16"))
-
-
-# ---------------------------------------------------------------- RNG state (weights_only-safe)
-def rng_state():
-    """Every RNG the run draws from, as tensors / lists / numbers only."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
-    }
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
 
 
 # ---------------------------------------------------------------- progress bar

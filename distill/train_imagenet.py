@@ -14,7 +14,6 @@ import difflib
 import json
 import logging
 import os
-import random
 import re
 import sys
 import time
@@ -23,16 +22,17 @@ import warnings
 if __package__ in (None, ""):  # run as a script: make `distill` importable from the repo root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np
 import torch
 import yaml
 
-from distill import dist, engine
-from distill.checkpoint import load_checkpoint, last_checkpoint, save_atomic, save_checkpoint
+from cocord_common import dist
+from distill import engine
+from cocord_common.checkpoint import load_checkpoint, last_checkpoint, save_atomic, save_checkpoint
 from distill.data import EvalImageFolder, MultiViewImageFolder, build_train_loader, build_val_loader
 from distill.methods import METHODS, add_method_args, build_method
 from distill.models import ARCHS, build_resnet
-from distill.yaml_config import read_yaml_mapping
+from cocord_common.rng import rng_state, seed_all, set_rng_state
+from cocord_common.yaml_config import read_yaml_mapping
 
 LOGGER_NAME = "distill"
 
@@ -276,12 +276,6 @@ def prune_checkpoints(output_dir, keep):
 
 
 # ================================================================================ main
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
-
-
 def main(argv=None):
     """Run the whole training; returns the last epoch's metrics dict."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -323,7 +317,7 @@ def _run(args, info, command):
             + (f"; val: {len(val_set)} images" if val_set is not None else "; no validation"))
 
         # ---- models: identical on every rank (same seed); per-rank RNG streams start after
-        seed_everything(args.seed)
+        seed_all(args.seed)
         student = build_resnet(args.arch, num_classes)
         teacher = build_teacher(args, num_classes, log) if args.method != "supervised" else None
         labels = torch.tensor(train_set.targets, dtype=torch.long)
@@ -339,7 +333,7 @@ def _run(args, info, command):
         optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
         scheduler = engine.build_scheduler(optimizer, args.epochs, args.schedule, args.cos)
         scaler = engine.build_scaler(device, args.amp)
-        seed_everything(args.seed + info.rank)
+        seed_all(args.seed + info.rank)
 
         # ---- resume
         start_epoch, global_step = 0, 0
@@ -362,11 +356,11 @@ def _run(args, info, command):
             start_epoch, global_step = ckpt["epoch"], ckpt["step"]
             rngs = ckpt["rng"]
             if len(rngs) == info.world_size:
-                engine.set_rng_state(rngs[info.rank])
+                set_rng_state(rngs[info.rank])
             else:
                 log(f"warning: {resume} holds RNG states of {len(rngs)} processes, this run has "
                     f"{info.world_size}; RNGs are reseeded, so the run will not replay exactly")
-                seed_everything(args.seed + 1000 * start_epoch + info.rank)
+                seed_all(args.seed + 1000 * start_epoch + info.rank)
             log(f"resumed from {resume} at epoch {start_epoch} (step {global_step})")
             if info.is_main:
                 truncate_metrics(os.path.join(args.output_dir, "metrics.jsonl"), start_epoch)
@@ -406,7 +400,7 @@ def _run(args, info, command):
             metrics["images_per_sec"] = steps * args.batch_size / max(seconds, 1e-9)
             metrics["time"] = time.perf_counter() - epoch_start
 
-            rngs = dist.all_gather_object(engine.rng_state())  # every rank's RNG, for exact resume
+            rngs = dist.all_gather_object(rng_state())  # every rank's RNG, for exact resume
             if info.is_main:
                 ckpt = {
                     "arch": args.arch, "method": args.method, "epoch": epoch + 1, "step": global_step,

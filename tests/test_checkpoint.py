@@ -1,10 +1,10 @@
-"""The shared atomic checkpoint writer (distill/checkpoint.py)."""
+"""The shared atomic checkpoint writer (cocord_common/checkpoint.py)."""
 import os
 
 import pytest
 import torch
 
-from distill import checkpoint as ckpt
+from cocord_common import checkpoint as ckpt
 
 
 def test_save_points_last_checkpoint_and_loads_weights_only(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torchvision
 
-from distill.checkpoint import save_atomic, save_checkpoint
+from cocord_common.checkpoint import save_atomic, save_checkpoint
 from transfer.backbone import (build_resnet_trunk, check_arch_for_meta, freeze_stages,
                                load_trunk_weights, trunk_features)
 from transfer.d2_format import (RESNET_SPECS, d2_to_torchvision, d2_to_tv_name,

@@ -14,8 +14,9 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 from conftest import REPO
-from distill import dist, engine
-from distill.checkpoint import load_checkpoint
+from cocord_common import dist
+from distill import engine
+from cocord_common.checkpoint import load_checkpoint
 from distill.methods import build_method, default_method_args
 from distill.models import build_resnet
 from test_distill_data import make_image_folder

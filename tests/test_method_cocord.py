@@ -73,7 +73,7 @@ def reference(ref, views, target, w_ce, w_con, w_pred, ema_first=True):
     neg = torch.stack([(q * row).sum(1) for row in ref.queue], 1) / ref.tau  # [B, K]
     all_ = torch.cat([pos[:, None], neg], 1)
     l_con = (torch.logsumexp(all_, 1) - pos).mean()
-    l_pred = ((2 - 2 * cos(p_s, slow_s2)).mean() + (2 - 2 * cos(p_s2, slow_s)).mean()) / 2
+    l_pred = (2 - 2 * cos(p_s, slow_s2)).mean() + (2 - 2 * cos(p_s2, slow_s)).mean()
     l_ce = -torch.log_softmax(logits, 1)[torch.arange(B), target].mean()
     return {"ce": w_ce * l_ce, "contrast": w_con * l_con, "pred": w_pred * l_pred}, kn, ref
 
@@ -234,3 +234,113 @@ def test_wrong_number_of_views():
     m = make()
     with pytest.raises(ValueError, match="3 view"):
         m([torch.randn(B, 3, 16, 16)], torch.zeros(B, dtype=torch.long), torch.arange(B))
+
+
+# --- the prediction term is the SUM of the two distances (authors' code), pinned by hand --------
+def test_prediction_term_is_the_sum_of_two_distances_by_hand():
+    """Heads set so that every prediction is e1 and every slow-student target e2 (orthogonal): each
+    distance D = 2 - 2 cos = 2 exactly, so L_pred = 2 + 2 = 4 and the weighted term 4 * 4 = 16."""
+    P = 16
+    e1, e2 = torch.zeros(P), torch.zeros(P)
+    e1[0], e2[1] = 1.0, 1.0
+    m = CoCoRD(tiny_resnet(8, 6, seed=0), tiny_resnet(8, 6, seed=1), proj_dim=P, proj_hidden_dim=32, pred_dim=8,
+               queue_size=7, tau=0.1, w_pred=4.0).train()
+    with torch.no_grad():
+        for head, out in ((m.proj_s, e2), (m.slow_proj, e2), (m.proj_t, e2), (m.predictor, e1)):
+            head[3].weight.zero_()            # output = bias, whatever the input
+            head[3].bias.copy_(out)
+    _, losses = m(*batch())
+    assert losses["pred"].item() == 16.0
+    m.w_pred = 1.0
+    _, losses = m(*batch(2))
+    assert losses["pred"].item() == 4.0
+
+
+# --- three whole steps of ResNet-18 CoCoRD against a straight-line re-computation ------------------
+def _pooled_and_logits(net, x):
+    """(penultimate features, output) of a torchvision ResNet, read through a hook on fc."""
+    seen = {}
+    hook = net.fc.register_forward_hook(lambda mod, inp, out: seen.update(f=inp[0]))
+    out = net(x)
+    hook.remove()
+    return seen["f"], out
+
+
+def test_three_resnet18_steps_match_a_straight_line_recomputation():
+    """Written from the formulas of issue 9 / docs, sharing no code with distill: modes set explicitly
+    (everything trains except the teacher, which is in eval mode), EMA m*ema + (1-m)*src after the student's
+    forward, keys, InfoNCE via logsumexp, L_pred = D1 + D2, CE, SGD, FIFO queue write that wraps (K=6, B=4)."""
+    import torchvision
+    torch.manual_seed(0)
+    Bs, K, P, tau, m_t, m_slow = 4, 6, 16, 0.1, 0.99, 0.9
+    student = torchvision.models.resnet18(num_classes=5)
+    teacher = torchvision.models.resnet18(num_classes=5)
+    m = CoCoRD(student, teacher, proj_dim=P, proj_hidden_dim=32, pred_dim=8, queue_size=K, tau=tau,
+               teacher_head_momentum=m_t, slow_momentum=m_slow).double()   # fp64: 3 steps of BN on 4 images
+    # amplify fp32 rounding past any useful tolerance; in fp64 both sides agree to ~1e-10
+    # independent copies of every network and buffer before the first step
+    r_student, r_teacher = copy.deepcopy(m.student), copy.deepcopy(m.teacher)
+    r_proj_s, r_pred, r_proj_t = copy.deepcopy(m.proj_s), copy.deepcopy(m.predictor), copy.deepcopy(m.proj_t)
+    r_slow, r_slow_proj = copy.deepcopy(m.slow), copy.deepcopy(m.slow_proj)
+    r_queue, r_ptr = m.queue.clone(), 0
+    for net in (r_student, r_proj_s, r_pred, r_proj_t, r_slow, r_slow_proj):
+        net.train()
+    r_teacher.eval()
+    m.train()
+
+    def sgd(params):
+        return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-4)
+    opt = sgd([p for p in m.parameters() if p.requires_grad])
+    r_opt = sgd(list(r_student.parameters()) + list(r_proj_s.parameters()) + list(r_pred.parameters()))
+
+    def D(p, z):
+        return (2 - 2 * (p * z).sum(1) / (p.norm(dim=1) * z.norm(dim=1))).mean()
+
+    for step in range(3):
+        g = torch.Generator().manual_seed(100 + step)
+        x_s, x_s2, x_t = (torch.randn(Bs, 3, 32, 32, generator=g, dtype=torch.float64) for _ in range(3))
+        target = torch.randint(0, 5, (Bs,), generator=g)
+
+        _, losses = m([x_s, x_s2, x_t], target, torch.arange(Bs))
+        opt.zero_grad()
+        sum(losses.values()).backward()
+        opt.step()
+
+        f1, logits = _pooled_and_logits(r_student, x_s)
+        f2, _ = _pooled_and_logits(r_student, x_s2)
+        z1, z2 = r_proj_s(f1), r_proj_s(f2)
+        p1, p2 = r_pred(z1), r_pred(z2)
+        with torch.no_grad():
+            src = {n: p for n, p in r_student.named_parameters() if not n.startswith("fc.")}
+            for n, p in r_slow.named_parameters():
+                p.copy_(m_slow * p + (1 - m_slow) * src[n])
+            for ema, mom in ((r_slow_proj, m_slow), (r_proj_t, m_t)):
+                for p, s in zip(ema.parameters(), r_proj_s.parameters()):
+                    p.copy_(mom * p + (1 - mom) * s)
+            k = r_proj_t(_pooled_and_logits(r_teacher, x_t)[0])
+            k = k / k.norm(dim=1, keepdim=True)
+            t1, t2 = r_slow_proj(r_slow(x_s)), r_slow_proj(r_slow(x_s2))   # slow.fc is the identity
+        q = z1 / z1.norm(dim=1, keepdim=True)
+        pos = (q * k).sum(1, keepdim=True) / tau
+        neg = q @ r_queue.t() / tau
+        l_ctr = (torch.logsumexp(torch.cat([pos, neg], 1), 1) - pos[:, 0]).mean()
+        l_pred = D(p1, t2) + D(p2, t1)
+        l_ce = (torch.logsumexp(logits, 1) - logits[torch.arange(Bs), target]).mean()
+        want = {"ce": l_ce, "contrast": l_ctr, "pred": 4.0 * l_pred}
+        r_opt.zero_grad()
+        (l_ce + l_ctr + 4.0 * l_pred).backward()
+        r_opt.step()
+        for i in range(Bs):
+            r_queue[(r_ptr + i) % K] = k[i]
+        r_ptr = (r_ptr + Bs) % K
+
+        for name in want:
+            torch.testing.assert_close(losses[name].detach(), want[name].detach(), rtol=1e-9, atol=1e-9,
+                                       msg=lambda s, step=step, name=name: f"step {step} {name}: {s}")
+    m.flush_queue()
+    torch.testing.assert_close(m.queue, r_queue, rtol=1e-9, atol=1e-9)
+    assert int(m.queue_ptr) == r_ptr == (3 * Bs) % K
+    for (n, a), (_, b) in zip(m.student.state_dict().items(), r_student.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9, msg=n)
+    for (n, a), (_, b) in zip(m.slow.state_dict().items(), r_slow.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9, msg=n)

@@ -13,7 +13,7 @@ import yaml
 
 from conftest import REPO
 from distill import train_imagenet
-from distill.checkpoint import load_checkpoint
+from cocord_common.checkpoint import load_checkpoint
 from distill.methods import METHODS
 from distill.models import build_resnet
 from test_distill_data import make_image_folder

@@ -1,4 +1,4 @@
-"""distill/yaml_config.py: the one YAML reader of the three config kinds (distillation --config,
+"""cocord_common/yaml_config.py: the one YAML reader of the three config kinds (distillation --config,
 transfer configs, pipeline configs) — `_BASE_` merging and errors that name the file."""
 import os
 
@@ -6,7 +6,7 @@ import pytest
 from run_pipeline import load_pipeline_config
 
 from distill import train_imagenet
-from distill.yaml_config import deep_merge, load_yaml_with_base, read_yaml_mapping
+from cocord_common.yaml_config import deep_merge, load_yaml_with_base, read_yaml_mapping
 from transfer.config import load_config
 
 

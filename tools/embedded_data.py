@@ -31,7 +31,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from distill.checkpoint import write_text_atomic
+from cocord_common.checkpoint import write_text_atomic
 from synthetic_shapes import coco_annotation, voc_xml  # tools/, beside this file
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")

@@ -12,7 +12,7 @@ import os
 import matplotlib
 import yaml
 
-from distill.checkpoint import write_text_atomic
+from cocord_common.checkpoint import write_text_atomic
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

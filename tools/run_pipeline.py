@@ -36,8 +36,8 @@ import yaml
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TOOLS)
 sys.path[:0] = [TOOLS, REPO]
-from distill.checkpoint import write_text_atomic  # noqa: E402
-from distill.yaml_config import load_yaml_with_base  # noqa: E402
+from cocord_common.checkpoint import write_text_atomic  # noqa: E402
+from cocord_common.yaml_config import load_yaml_with_base  # noqa: E402
 import embedded_data  # noqa: E402
 import pipeline_report  # noqa: E402
 

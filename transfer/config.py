@@ -13,7 +13,7 @@ applies trailing `KEY VALUE` opts, then `validate(cfg)` refuses values the engin
 
 from fvcore.common.config import CfgNode as _FvCfgNode
 
-from distill.yaml_config import load_yaml_with_base
+from cocord_common.yaml_config import load_yaml_with_base
 
 # Keys a `DATASETS.REGISTER.<name>` entry may hold (see transfer/data.py).
 REGISTER_KEYS = {"TYPE", "ROOT", "SPLIT", "CLASSES", "YEAR", "IMAGE_ROOT", "JSON_FILE"}

@@ -51,7 +51,7 @@ from detectron2.utils.collect_env import collect_env_info
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
-from distill.checkpoint import save_atomic, write_text_atomic
+from cocord_common.checkpoint import save_atomic, write_text_atomic
 from transfer import config as tconfig
 from transfer import data as tdata
 from transfer.d2_format import load_d2_file

@@ -27,7 +27,7 @@ from typing import List, Mapping, NamedTuple, Optional, Tuple
 import numpy as np
 import torch
 
-from distill.checkpoint import atomic_write  # the project's one atomic writer
+from cocord_common.checkpoint import atomic_write  # the project's one atomic writer
 
 # depth -> (block kind, blocks per stage res2..res5), as torchvision builds them.
 RESNET_SPECS = {

@@ -5,7 +5,7 @@ WarmupMultiStepLR), forward -> weighted losses -> a non-finite total raises nami
 term -> SGD step (momentum, weight decay none on norms, optional clipping, AMP on CUDA).
 Hooks in detectron2's order after a step: PreciseBN (before an eval), checkpoint
 (`model_{it:07d}.pth` when (it+1) % CHECKPOINT_PERIOD == 0, `model_final.pth` at the end, written
-atomically with `last_checkpoint` via distill/checkpoint.py), eval (every TEST.EVAL_PERIOD and at the
+atomically with `last_checkpoint` via cocord_common/checkpoint.py), eval (every TEST.EVAL_PERIOD and at the
 end), metrics (every 20 iterations: metrics.json line, log.txt, TensorBoard).
 
 Exact resume: a checkpoint holds model, optimizer (with each group's base lr), AMP scaler, the seed and
@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from distill.checkpoint import last_checkpoint, load_checkpoint, save_checkpoint, write_text_atomic
+from cocord_common.checkpoint import last_checkpoint, load_checkpoint, save_checkpoint, write_text_atomic
 from transfer import data as tdata
 from transfer.modeling import build_model
 

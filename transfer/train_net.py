@@ -188,7 +188,7 @@ def main(argv=None):
         rows.append({"trial": k, "seed": seed0 + k, "output_dir": out, **final_metrics(out)})
     mean, std = summarize(rows)
     summary = {"engine": engine, "trials": rows, "mean": mean, "std": std}
-    from distill.checkpoint import write_text_atomic
+    from cocord_common.checkpoint import write_text_atomic
     write_text_atomic(os.path.join(base.OUTPUT_DIR, "trials_summary.json"), json.dumps(summary, indent=2))
     for m in METRICS:
         print(f"[train_net] {m}: {mean[m]:.2f} ± {std[m]:.2f} over {args.trials} trials", flush=True)
