@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from cocord_common.errors import UserError
+
 
 @dataclass
 class DistInfo:
@@ -34,7 +36,7 @@ def _env_int(name, default):
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+        raise UserError(f"environment variable {name}={value!r} is not an integer") from None
 
 
 def resolve_device(device_arg, local_rank):
@@ -43,7 +45,7 @@ def resolve_device(device_arg, local_rank):
     device = torch.device(device_arg)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"--device {device_arg}: CUDA is not available here; use --device cpu")
+            raise UserError(f"--device {device_arg}: CUDA is not available here; use --device cpu")
         if device.index is None:
             device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -131,7 +133,7 @@ def cleanup():
 
 def per_rank_batch(global_batch, world_size):
     if global_batch < 1 or global_batch % world_size:
-        raise ValueError(
+        raise UserError(
             f"-b/--batch-size {global_batch} is the global batch and must be a positive multiple "
             f"of the number of processes ({world_size})")
     return global_batch // world_size

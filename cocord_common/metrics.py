@@ -4,7 +4,11 @@ import json
 import math
 import os
 
-EVAL_KEY = "bbox/AP"  # a transfer metrics line is an evaluation line when it holds this key
+from cocord_common.errors import UserError
+
+# A transfer metrics line is an evaluation line when one of its keys is this one or ends with "/" + it (both
+# engines write `bbox/AP` for one test dataset and `<dataset>/bbox/AP` for several).
+EVAL_KEY = "bbox/AP"
 
 
 def append_jsonl(path, record):
@@ -31,13 +35,37 @@ def read_jsonl(path, on_torn="error"):
             except json.JSONDecodeError as e:
                 if on_torn == "skip":
                     continue
-                raise ValueError(f"{path}:{n}: not a JSON line ({e}); the run that wrote it was cut") from e
+                raise UserError(f"{path}:{n}: not a JSON line ({e}); the run that wrote it was cut") from e
     return rows
+
+
+def read_jsonl_torn_tail(path):
+    """(records, torn) of `path`: a last line that is not JSON is what a crash mid-append leaves, so it
+    is left out and returned as `torn` (its 1-based line number and text), else torn is None. A bad
+    line before the last one is damage a crash cannot cause: ValueError naming the file and line."""
+    if not os.path.isfile(path):
+        return [], None
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [(n, ln.strip()) for n, ln in enumerate(f, 1) if ln.strip()]
+    rows = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                return rows, (n, line)
+            raise UserError(f"{path}:{n}: not a JSON line ({e}), and not the last line, so not a cut "
+                             "append; repair or delete that line") from e
+    return rows, None
+
+
+def is_eval_line(record, key=EVAL_KEY):
+    return any(k == key or k.endswith("/" + key) for k in record)
 
 
 def eval_lines(rows, key=EVAL_KEY):
     """The evaluation lines among `rows`, in file order."""
-    return [r for r in rows if key in r]
+    return [r for r in rows if is_eval_line(r, key)]
 
 
 def final_eval_line(path, key=EVAL_KEY, on_torn="error"):

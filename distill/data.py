@@ -1,8 +1,12 @@
 """ImageNet-style data for distillation: ImageFolder trees, multi-view augmentation, sharding.
 
 Assumptions: `DATA/train/<class>/<image>` (and `DATA/val/<class>/<image>` unless validation is off),
-images in any format PIL reads (grayscale, palette and CMYK are converted to RGB). The val tree
-must hold exactly the train tree's classes, so class indices agree.
+images with one of the extensions IMAGE_EXTENSIONS (torchvision's list plus .jfif, .jpe and .gif, all
+read by PIL); other files are skipped and reported (`skipped_files`). Grayscale, palette and CMYK
+images are converted to RGB; 16-bit and 32-bit grayscale (PIL modes I;16, I, F) are scaled from their
+real bit depth to 8 bits (PIL's own convert would clip them at 255). The val tree must hold exactly
+the train tree's classes, so class indices agree. `check_image_files` opens every file before
+training, so a broken image stops the run at the start, not after an epoch.
 
 Each training sample is decoded once and augmented `num_views` times independently
 (RandomResizedCrop + horizontal flip + normalize). The augmentation randomness comes from a
@@ -10,6 +14,8 @@ generator seeded by (seed, epoch, sample index), never from the global RNG: a sa
 the same whatever the number of workers or ranks, which makes resume exact with workers and lets a
 2-process run see the same pixels as a 1-process run.
 """
+import collections
+import concurrent.futures
 import math
 import os
 
@@ -19,8 +25,16 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from cocord_common.constants import IMAGENET_MEAN, IMAGENET_STD
+from cocord_common.errors import UserError
+
+# torchvision's list plus JPEG's and GIF's other names; PIL reads them all (a GIF: its first frame)
+IMAGE_EXTENSIONS = tuple(IMG_EXTENSIONS) + (".jfif", ".jpe", ".gif")
+FILE_CHECKS = ("header", "full", "off")
+
+
+class ImageError(UserError):
+    """An image file that cannot be read; the message names it."""
 
 
 def load_rgb(path):
@@ -30,10 +44,77 @@ def load_rgb(path):
             img = Image.open(f)
             img.load()
     except Exception as e:
-        raise RuntimeError(
+        raise ImageError(
             f"cannot read image {path}: {type(e).__name__}: {e}. Delete or replace the file "
             f"(corrupt or not an image)") from e
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        img = high_depth_to_8bit(img)
     return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def high_depth_to_8bit(img):
+    """A grayscale image of more than 8 bits per pixel (PIL modes I;16*, I, F) as an 8-bit "L" image,
+    scaled by its bit depth: 65535 -> 255 for a 16-bit file (PIL's convert clips everything over 255).
+    The depth is the file's (16 for PNG, BitsPerSample for TIFF) when known; otherwise the smallest of
+    8 / 16 / 32 bits that holds the largest value, and [0, 1] for a float image whose values fit there."""
+    values = np.asarray(img).astype(np.float64)
+    top = float(values.max()) if values.size else 0.0
+    bits = declared_bit_depth(img)
+    if bits is None and img.mode == "F" and top <= 1.0:
+        full_scale = 1.0
+    else:
+        bits = bits or next(b for b in (8, 16, 32) if top <= 2 ** b - 1 or b == 32)
+        full_scale = float(2 ** bits - 1)
+    scaled = np.clip(np.rint(np.clip(values, 0.0, full_scale) * (255.0 / full_scale)), 0, 255)
+    return Image.fromarray(scaled.astype(np.uint8), mode="L")
+
+
+def declared_bit_depth(img):
+    """Bits per sample written in the file's header, or None when the format does not say."""
+    if img.format == "PNG":
+        return 16  # PNG's only grayscale depth above 8; PIL opens it as I;16 (older versions: I)
+    if img.format == "TIFF":
+        bits = getattr(img, "tag_v2", {}).get(258)  # BitsPerSample
+        bits = bits[0] if isinstance(bits, tuple) else bits
+        return int(bits) if bits and img.mode != "F" else None
+    if img.mode.startswith("I;16"):
+        return 16
+    return None
+
+
+def check_image_files(paths, mode="header", threads=1):
+    """[(index, path, reason)] of the files among `paths` that cannot be read, in `paths` order.
+    mode "header": PIL opens and verifies each file (the header and, for PNG, the chunk checksums);
+    cheap, but a JPEG cut inside its pixel data passes. mode "full": each file is decoded as
+    training would. I/O-bound, so `threads` threads share the work."""
+    check = _verify_header if mode == "header" else _decode_fully
+
+    def one(item):
+        index, path = item
+        reason = check(path)
+        return None if reason is None else (index, path, reason)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        found = pool.map(one, enumerate(paths), chunksize=64)
+        return [r for r in found if r is not None]
+
+
+def _verify_header(path):
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _decode_fully(path):
+    try:
+        load_rgb(path)
+    except ImageError as e:
+        cause = e.__cause__
+        return f"{type(cause).__name__}: {cause}" if cause is not None else str(e)
+    return None
 
 
 def scan_folder(root, class_to_idx=None):
@@ -43,19 +124,33 @@ def scan_folder(root, class_to_idx=None):
             f"image folder {root} does not exist; DATA must hold train/<class>/*.JPEG "
             f"(and val/<class>/*.JPEG unless --no-val)")
     classes, found = find_classes_safe(root)
+    skipped = collections.defaultdict(list)
     if class_to_idx is not None:
         if classes != sorted(class_to_idx):
             extra = sorted(set(classes) - set(class_to_idx))[:5]
             missing = sorted(set(class_to_idx) - set(classes))[:5]
-            raise ValueError(
+            raise UserError(
                 f"{root} has {len(classes)} class folders, the train folder {len(class_to_idx)}; "
                 f"they must be the same classes (only in {root}: {extra}; missing there: {missing})")
         found = class_to_idx
+    def accepted(path):
+        ok = path.lower().endswith(IMAGE_EXTENSIONS)
+        if not ok:
+            skipped[os.path.splitext(path)[1].lower() or "(no extension)"].append(path)
+        return ok
+
     try:
-        samples = make_dataset(root, found, extensions=IMG_EXTENSIONS)
+        samples = make_dataset(root, found, is_valid_file=accepted)
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"{root}: {e}") from e
-    return samples, classes, found
+        also = f"; skipped there: {describe_skipped(skipped)}" if skipped else ""
+        raise FileNotFoundError(f"{root}: {e} (accepted extensions: {' '.join(IMAGE_EXTENSIONS)}){also}") from e
+    return samples, classes, found, dict(skipped)
+
+
+def describe_skipped(skipped):
+    """'3 .heic (e.g. a/b.heic), 1 .txt (e.g. a/c.txt)' for {extension: [paths]}, most frequent first."""
+    ranked = sorted(skipped.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    return ", ".join(f"{len(paths)} {ext} (e.g. {paths[0]})" for ext, paths in ranked)
 
 
 def find_classes_safe(root):
@@ -118,7 +213,7 @@ class MultiViewImageFolder(torch.utils.data.Dataset):
 
     def __init__(self, root, crop_size, num_views=1, seed=0):
         self.root = root
-        self.samples, self.classes, self.class_to_idx = scan_folder(root)
+        self.samples, self.classes, self.class_to_idx, self.skipped_files = scan_folder(root)
         self.targets = [t for _, t in self.samples]
         self.view = TrainView(crop_size)
         self.num_views = num_views
@@ -145,7 +240,7 @@ class EvalImageFolder(torch.utils.data.Dataset):
 
     def __init__(self, root, crop_size, val_resize, class_to_idx):
         self.root = root
-        self.samples, self.classes, _ = scan_folder(root, class_to_idx)
+        self.samples, self.classes, _, self.skipped_files = scan_folder(root, class_to_idx)
         self.crop_size = crop_size
         self.val_resize = val_resize
 
@@ -189,7 +284,7 @@ def build_train_loader(dataset, per_rank_batch, workers, rank, world_size, seed,
     depends on the RNG state; the last incomplete batch is dropped (BatchNorm and the queue need
     full batches)."""
     if len(dataset) < per_rank_batch * world_size:
-        raise ValueError(
+        raise UserError(
             f"{dataset.root} holds {len(dataset)} images, fewer than one global batch "
             f"({per_rank_batch * world_size}); lower -b/--batch-size")
     sampler = torch.utils.data.DistributedSampler(

@@ -1,5 +1,5 @@
 """The distillation loop's pieces: one training step, one epoch, validation, LR schedule and progress
-output. No argparse and no file layout here (train_imagenet.py owns those).
+output. No argparse and no file layout here (distill/trainer.py owns those).
 """
 import contextlib
 import math
@@ -97,14 +97,18 @@ def train_step(model, optimizer, scaler, views, target, index, device, amp, wher
 
 
 def train_one_epoch(model, optimizer, scaler, loader, epoch, args, device, log, tb, global_step,
-                    global_batch):
-    """Train one epoch; returns (averages {"loss": .., term: ..}, steps, seconds, global_step)."""
+                    global_batch, header=None, position=None):
+    """Train one epoch; returns (averages {"loss": .., term: ..}, steps, seconds, global_step).
+    `header` (progress lines) and `position` (error messages) name the epoch; by default main epoch
+    `epoch` (0-based) of args.epochs."""
     model.train()
     total = len(loader)
     if args.max_steps_per_epoch:
         total = min(total, args.max_steps_per_epoch)
     lr = optimizer.param_groups[0]["lr"]
-    progress = Progress(total, f"Epoch: [{epoch + 1}/{args.epochs}]", global_batch, args.print_freq, log)
+    header = header or f"Epoch: [{epoch + 1}/{args.epochs}]"
+    position = position or f"epoch {epoch + 1}"
+    progress = Progress(total, header, global_batch, args.print_freq, log)
     sums, steps = {}, 0
     start = time.perf_counter()
     for i, (views, target, index) in enumerate(loader):
@@ -114,7 +118,7 @@ def train_one_epoch(model, optimizer, scaler, loader, epoch, args, device, log, 
         target = target.to(device, non_blocking=True)
         index = index.to(device, non_blocking=True)
         result = train_step(model, optimizer, scaler, views, target, index, device, args.amp,
-                            where=f"epoch {epoch + 1} step {i + 1}/{total} (global step {global_step + 1})")
+                            where=f"{position} step {i + 1}/{total} (global step {global_step + 1})")
         global_step += 1
         steps += 1
         for k, v in result.items():

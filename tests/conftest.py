@@ -1,5 +1,4 @@
 """Shared test fixtures. Tests that need ../shared skip cleanly when it is absent."""
-import sys
 from pathlib import Path
 
 import pytest
@@ -7,9 +6,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-for _p in (REPO, REPO / "tools"):  # the package dirs and the tools' modules (e.g. synthetic_shapes)
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
 
 
 def shared_path(*parts):

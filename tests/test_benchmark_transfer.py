@@ -1,12 +1,19 @@
 """tools/benchmark_transfer.py runs both engines (detectron2 when importable) on a generated VOC folder
 and prints/writes per-engine times and the torchvision / detectron2 ratios. Times are not asserted."""
+import importlib.util
 import json
 import logging
 import math
 import os
 
-import benchmark_transfer
 import pytest
+
+from conftest import REPO
+
+# a script, not a module of an installed package: loaded from its file
+_spec = importlib.util.spec_from_file_location("benchmark_transfer", REPO / "tools" / "benchmark_transfer.py")
+benchmark_transfer = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(benchmark_transfer)
 
 
 @pytest.mark.slow

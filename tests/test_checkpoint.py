@@ -46,7 +46,7 @@ def test_refuses_files_that_would_run_code(tmp_path):
             return (os.system, ("echo pwned",))
 
     torch.save({"x": Evil()}, tmp_path / "evil.pth")
-    with pytest.raises(RuntimeError, match="cannot load checkpoint"):
+    with pytest.raises(ckpt.CheckpointError, match="cannot load checkpoint"):
         ckpt.load_checkpoint(str(tmp_path / "evil.pth"))
     with pytest.raises(FileNotFoundError):
         ckpt.load_checkpoint(str(tmp_path / "missing.pth"))

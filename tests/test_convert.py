@@ -1,5 +1,5 @@
-"""Backbone conversion (tools/convert_to_d2.py, transfer/d2_format.py, transfer/backbone.py)."""
-import importlib.util
+"""Backbone conversion (transfer/convert.py via tools/convert_to_d2.py, transfer/d2_format.py,
+transfer/backbone.py)."""
 import json
 import pickle
 import re
@@ -13,6 +13,7 @@ import torch
 import torchvision
 
 from cocord_common.checkpoint import save_atomic, save_checkpoint
+from transfer import convert as conv
 from transfer.backbone import (build_resnet_trunk, check_arch_for_meta, freeze_stages,
                                load_trunk_weights, trunk_features)
 from transfer.d2_format import (RESNET_SPECS, d2_to_torchvision, d2_to_tv_name,
@@ -20,9 +21,6 @@ from transfer.d2_format import (RESNET_SPECS, d2_to_torchvision, d2_to_tv_name,
                                 torchvision_to_d2, tv_to_d2_name)
 
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("convert_to_d2", REPO / "tools" / "convert_to_d2.py")
-conv = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(conv)
 
 
 def random_resnet(depth, seed=0):
@@ -43,6 +41,14 @@ def random_resnet(depth, seed=0):
 
 def tv_features(model, x):
     return trunk_features(model, x)
+
+
+def exit_code(argv):
+    """The converter's exit status: main's return value, or run_main's sys.exit(2) on a refusal."""
+    try:
+        return conv.main(argv)
+    except SystemExit as e:
+        return e.code
 
 
 def files_in(folder):
@@ -276,7 +282,7 @@ def test_converter_refuses_pickle_with_code(tmp_path, capsys):
     marker = tmp_path / "pwned"
     with open(tmp_path / "evil.pth", "wb") as f:
         pickle.dump({"conv1.weight": _Evil(str(marker))}, f)
-    assert conv.main([str(tmp_path / "evil.pth"), str(tmp_path / "out.pkl")]) == 1
+    assert exit_code([str(tmp_path / "evil.pth"), str(tmp_path / "out.pkl")]) == 2
     err = capsys.readouterr().err
     assert "weights_only=True" in err and "nothing written" in err
     assert not marker.exists() and not (tmp_path / "out.pkl").exists()
@@ -321,9 +327,9 @@ def test_cli_distill_checkpoint_student_and_slow_student(tmp_path, capsys):
 
 def test_cli_slow_student_absent_or_arch_contradiction(tmp_path, capsys):
     ck = i3_checkpoint(tmp_path / "run", random_resnet(18), None, method="kd")
-    assert conv.main([ck, str(tmp_path / "o.pkl"), "--source", "slow_student"]) == 1
+    assert exit_code([ck, str(tmp_path / "o.pkl"), "--source", "slow_student"]) == 2
     assert "no 'slow_student'" in capsys.readouterr().err
-    assert conv.main([ck, str(tmp_path / "o.pkl"), "--arch", "resnet50"]) == 1
+    assert exit_code([ck, str(tmp_path / "o.pkl"), "--arch", "resnet50"]) == 2
     assert "contradicts" in capsys.readouterr().err
     assert not (tmp_path / "o.pkl").exists()
 
@@ -356,7 +362,7 @@ def test_cli_input_kinds(tmp_path, capsys, r18, kind):
 
 def test_cli_prefix_flag(tmp_path, capsys, r18):
     save_atomic({"net." + k: v for k, v in r18.state_dict().items()}, str(tmp_path / "in.pth"))
-    assert conv.main([str(tmp_path / "in.pth"), str(tmp_path / "o.pkl")]) == 1
+    assert exit_code([str(tmp_path / "in.pth"), str(tmp_path / "o.pkl")]) == 2
     assert "--prefix (candidates: ['net.'])" in capsys.readouterr().err
     assert conv.main([str(tmp_path / "in.pth"), str(tmp_path / "o.pkl"), "--prefix", "net."]) == 0
     assert "backbone under 'net.'" in capsys.readouterr().out
@@ -372,7 +378,7 @@ def test_cli_verbose_lists_every_tensor(tmp_path, capsys, r18):
 
 
 # ---------------------------------------------------------------------------------------------
-# the CLI: refusals (exit 1, message naming the problem, nothing written)
+# the CLI: refusals (exit 2, `convert_to_d2.py: error: ...`, nothing written)
 
 
 def _refusal_cases(sd):
@@ -400,27 +406,27 @@ def test_cli_refusals_write_nothing(tmp_path, capsys, r18):
     out.parent.mkdir()
     for i, (obj, extra, msg) in enumerate(_refusal_cases(r18.state_dict())):
         save_atomic(obj, str(tmp_path / f"in{i}.pth"))
-        assert conv.main([str(tmp_path / f"in{i}.pth"), str(out)] + extra) == 1, msg
+        assert exit_code([str(tmp_path / f"in{i}.pth"), str(out)] + extra) == 2, msg
         err = capsys.readouterr().err
         assert re.search(msg, err), (msg, err)
         assert "nothing written" in err
         assert files_in(out.parent) == [], msg
     # an existing output is left as it was
     out.write_bytes(b"old")
-    assert conv.main([str(tmp_path / "in1.pth"), str(out)]) == 1
+    assert exit_code([str(tmp_path / "in1.pth"), str(out)]) == 2
     assert out.read_bytes() == b"old"
     capsys.readouterr()
     save_atomic(r18.state_dict(), str(tmp_path / "good.pth"))
-    assert conv.main([str(tmp_path / "good.pth"), str(tmp_path / "o.pth")]) == 1
+    assert exit_code([str(tmp_path / "good.pth"), str(tmp_path / "o.pth")]) == 2
     assert "must end in .pkl" in capsys.readouterr().err
 
 
 def test_cli_unrecognised_layout_needs_arch(tmp_path, capsys, r18):
     sd = {k: v for k, v in r18.state_dict().items() if not k.startswith("layer4.1.")}
     save_atomic(sd, str(tmp_path / "in.pth"))
-    assert conv.main([str(tmp_path / "in.pth"), str(tmp_path / "o.pkl")]) == 1
+    assert exit_code([str(tmp_path / "in.pth"), str(tmp_path / "o.pkl")]) == 2
     assert "no standard ResNet" in capsys.readouterr().err
-    assert conv.main([str(tmp_path / "in.pth"), str(tmp_path / "o.pkl"), "--arch", "resnet18"]) == 1
+    assert exit_code([str(tmp_path / "in.pth"), str(tmp_path / "o.pkl"), "--arch", "resnet18"]) == 2
     assert "layer4.1.conv1.weight" in capsys.readouterr().err
 
 
@@ -452,12 +458,38 @@ def test_cli_check_synthetic_default_and_detects_mismatch(tmp_path, capsys):
         conv.check_features(str(tmp_path / "o.pkl"), other, 18, image, log=lambda m: None)
 
 
+def test_failed_check_writes_nothing(tmp_path, capsys, monkeypatch, r18):
+    """--check runs before the file is written: a failure leaves an existing output as it was."""
+    save_atomic(r18.state_dict(), str(tmp_path / "in.pth"))
+    out = tmp_path / "o.pkl"
+    out.write_bytes(b"old")
+
+    def fail(*args, **kwargs):
+        raise conv.ConversionError("--check failed: features differ at ['res5']")
+    monkeypatch.setattr(conv, "compare_features", fail)
+    assert exit_code([str(tmp_path / "in.pth"), str(out), "--check", "--check-size", "32"]) == 2
+    assert "features differ" in capsys.readouterr().err
+    assert out.read_bytes() == b"old" and files_in(tmp_path) == ["in.pth", "o.pkl"]
+
+
+def test_check_image_is_rgb_normalised_with_imagenet_constants(tmp_path):
+    """A pure-red file becomes channel 0 = (1 - 0.485) / 0.229, channels 1, 2 = -mean / std."""
+    from PIL import Image
+
+    Image.new("RGB", (6, 4), (255, 0, 0)).save(tmp_path / "red.png")
+    image, desc = conv.load_image(str(tmp_path / "red.png"), 2)
+    assert image.shape == (1, 3, 2, 3) and "red.png (6x4, resized to 3x2)" in desc
+    by_hand = [(1.0 - 0.485) / 0.229, (0.0 - 0.456) / 0.224, (0.0 - 0.406) / 0.225]
+    for c, v in enumerate(by_hand):
+        assert torch.allclose(image[0, c], torch.full((2, 3), v), atol=1e-6), (c, image[0, c])
+
+
 def test_cli_subprocess_exit_codes(tmp_path, r18):
     save_atomic({"fc.weight": torch.zeros(2, 2)}, str(tmp_path / "heads.pth"))
     cmd = [sys.executable, str(REPO / "tools" / "convert_to_d2.py"), str(tmp_path / "heads.pth"),
            str(tmp_path / "o.pkl")]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
-    assert p.returncode == 1 and "no backbone tensor" in p.stderr
+    assert p.returncode == 2 and "no backbone tensor" in p.stderr
     assert not (tmp_path / "o.pkl").exists()
 
 
@@ -537,5 +569,7 @@ def test_detectron2_checkpointer_loads_converted_file(tmp_path, shared, depth, f
             got["res5"] = model.roi_heads.res5(got["res4"])  # C4: res5 lives in the box head
             stages = ["res4", "res5"]
     for s in stages:
-        diff = (got[s] - ref[s]).abs().max().item()
-        assert torch.allclose(got[s], ref[s], rtol=1e-4, atol=1e-4), (s, diff)
+        # float32 rounding of the two preprocessing orders grows with depth: judge the difference
+        # against the stage's feature scale (a wrong or swapped tensor differs by O(scale))
+        diff, scale = (got[s] - ref[s]).abs().max().item(), ref[s].abs().max().item()
+        assert diff <= 1e-5 * scale + 1e-4, (s, diff, scale)

@@ -112,7 +112,7 @@ def test_unreadable_image_names_the_file(tmp_path):
         f.write(b"this is not a jpeg")
     ds = data.MultiViewImageFolder(os.path.join(root, "train"), crop_size=16)
     idx = [i for i, (p, _) in enumerate(ds.samples) if p == bad][0]
-    with pytest.raises(RuntimeError, match=r"cannot read image .*broken\.JPEG"):
+    with pytest.raises(data.ImageError, match=r"cannot read image .*broken\.JPEG"):
         ds[idx]
 
 
@@ -129,3 +129,17 @@ def test_missing_and_mismatched_folders(tmp_path):
         data.EvalImageFolder(os.path.join(root, "val"), 16, 20, train.class_to_idx)
     with pytest.raises(ValueError, match="fewer than one global batch"):
         data.build_train_loader(train, 8, 0, 0, 2, 0, 0, False)
+
+
+def test_pure_red_keeps_rgb_order_through_train_and_val_transforms(tmp_path):
+    """Channel 0 is red after normalisation: (1 - 0.485) / 0.229 = 2.2489, while green and blue are
+    (0 - 0.456) / 0.224 = -2.0357 and (0 - 0.406) / 0.225 = -1.8044 (issue 16, item 2)."""
+    for split in ("train", "val"):
+        os.makedirs(tmp_path / split / "red")
+        Image.new("RGB", (40, 30), (255, 0, 0)).save(tmp_path / split / "red" / "red.png")  # lossless
+    want = torch.tensor([2.248908, -2.035714, -1.804444])[:, None, None]
+    train = data.MultiViewImageFolder(str(tmp_path / "train"), crop_size=16, num_views=2)
+    val = data.EvalImageFolder(str(tmp_path / "val"), 16, 20, train.class_to_idx)
+    for img in train[0][0] + [val[0][0]]:
+        assert img.shape == (3, 16, 16)
+        torch.testing.assert_close(img, want.expand(3, 16, 16), rtol=0, atol=1e-5)

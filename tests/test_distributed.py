@@ -165,3 +165,34 @@ def test_cli_under_torchrun_two_gloo_processes(tmp_path):
     assert m["epoch"] == 1 and "val/top1" in m
     assert "2 process(es) on cpu, batch 4 (2/process)" in open(out / "log.txt").read()
     assert glob.glob(str(out / "tb" / "events.*")) and os.path.isfile(out / "student_backbone.pth")
+
+
+@pytest.mark.slow
+def test_two_stage_method_and_cifar_cli_under_torchrun(tmp_path):
+    """distill/train_cifar.py with `ab` on 2 gloo processes: the initialisation epoch, the switch (a fresh
+    optimizer and DDP wrapped again over the main stage's parameters), then a main epoch."""
+    import numpy as np
+    from distill.cifar_data import write_cifar100
+    from distill.models import build_model
+    rng = np.random.default_rng(0)
+    write_cifar100(tmp_path / "data", rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8), [i % 4 for i in range(16)],
+                   rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8), [0, 1, 2, 3],
+                   fine_label_names=["a", "b", "c", "d"])
+    torch.manual_seed(0)
+    teacher = str(tmp_path / "t.pth")
+    torch.save({"model": build_model("resnet20", 4).state_dict(), "epoch": 240}, teacher)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           str(REPO / "distill" / "train_cifar.py"), str(tmp_path / "data"), "-a", "resnet8", "--teacher-arch",
+           "resnet20", "--teacher-weights", teacher, "--method", "ab", "--init-epochs", "1", "--device", "cpu",
+           "--output-dir", str(out), "-b", "4", "--epochs", "1", "--max-steps-per-epoch", "2", "-j", "0"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [(m["epoch"], m.get("init_epoch"), m["step"]) for m in lines] == [(0, 1, 2), (1, None, 4)]
+    assert "train/ab" in lines[0] and "train/ce" in lines[1]
+    ckpt = load_checkpoint(str(out / "checkpoint_0001.pth"))
+    assert len(ckpt["rng"]) == 2 and ckpt["config"]["world_size"] == 2
+    assert ckpt["method_state"]["_extra_state"] == {"init_epochs": 1, "init_epochs_done": 1}
+    assert "initialisation stage done after 1 epoch(s)" in open(out / "log.txt").read()

@@ -3,16 +3,13 @@ import dataclasses
 import filecmp
 import importlib.util
 import os
-import sys
 import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
 from PIL import Image
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tools"))
-import embedded_data as ed  # noqa: E402
+from cocord_pipeline import embedded_data as ed
 
 TINY = dataclasses.replace(
     ed.QUICK_SPEC, cls_train_per_class=8, cls_val_per_class=4,

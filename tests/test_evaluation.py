@@ -7,7 +7,7 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
-from synthetic_shapes import voc_xml
+from cocord_pipeline.synthetic_shapes import voc_xml
 
 from transfer import evaluation
 from transfer.evaluation import evaluate, evaluate_coco, evaluate_voc, voc_ap

@@ -1,4 +1,4 @@
-"""CoCoRD (distill/cocord.py): losses vs an independent computation, EMA, queue, modes, state."""
+"""CoCoRD (distill/methods/cocord.py): losses vs an independent computation, EMA, queue, modes, state."""
 import copy
 import io
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.cocord import CoCoRD
+from distill.methods.cocord import CoCoRD
 from test_methods import tiny_resnet
 
 B = 4

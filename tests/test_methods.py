@@ -1,4 +1,4 @@
-"""The method interface (distill/methods): registry, flags, errors, supervised / KD losses, AMP.
+"""The method interface (distill/methods): the METHODS table, flags, errors, supervised / KD losses, AMP.
 
 Also home of `tiny_resnet`, a few-thousand-parameter network with torchvision's ResNet attribute
 layout (conv1 ... layer4, avgpool, fc), so method tests run in milliseconds on a CPU.
@@ -11,8 +11,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from distill.methods import METHODS, add_method_args, build_method, default_method_args
+from distill.methods import METHODS, MethodEntry, add_method_args, build_method, default_method_args
+from distill.methods.base import Method
 from distill.methods.base import kd_loss
+from distill.models import forward_features
 
 
 class TinyResNet(nn.Module):
@@ -52,7 +54,16 @@ LABELS = torch.arange(12) % 5  # 12 training samples, 5 classes
 def build(name, **flags):
     teacher = None if name == "supervised" else tiny_resnet(12, seed=1)
     args = default_method_args(queue_size=6, crd_nce_k=5, proj_dim=8, proj_hidden_dim=8, pred_dim=4, **flags)
-    return build_method(name, args, tiny_resnet(), teacher, len(LABELS), LABELS).train()
+    return build_method(name, args, tiny_resnet(), teacher, len(LABELS), LABELS, image_size=16,
+                        drives_init_stage=True).train()
+
+
+FEATURE_METHODS = ("fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft")
+LOSS_TERMS = {"supervised": {"ce"}, "kd": {"ce", "kd"}, "crd": {"ce", "crd"}, "crd+kd": {"ce", "crd", "kd"},
+              "cocord": {"ce", "contrast", "pred"}, "cocord+kd": {"ce", "contrast", "pred", "kd"},
+              "fitnet": {"ce", "fitnet"}, "at": {"ce", "at"}, "sp": {"ce", "sp"}, "cc": {"ce", "cc"},
+              "vid": {"ce", "vid"}, "rkd": {"ce", "rkd"}, "pkt": {"ce", "pkt"},
+              "ab": {"ab"}, "ft": {"ft_rec"}}  # ab / ft start in their initialisation stage
 
 
 def test_every_method_runs_under_one_interface():
@@ -62,12 +73,46 @@ def test_every_method_runs_under_one_interface():
         views = [X + 0.1 * i for i in range(m.num_views)]
         logits, losses = m(views, Y, IDX)
         assert logits.shape == (B, 5)
-        expected = {"supervised": {"ce"}, "kd": {"ce", "kd"}, "crd": {"ce", "crd"}, "crd+kd": {"ce", "crd", "kd"},
-                    "cocord": {"ce", "contrast", "pred"}, "cocord+kd": {"ce", "contrast", "pred", "kd"}}[name]
-        assert set(losses) == expected, name
+        assert set(losses) == LOSS_TERMS[name], name
         sum(losses.values()).backward()
-        assert all(p.grad is not None for p in m.student.parameters()), name
+        trained = m.stage_parameters() if name in ("ab", "ft") else list(m.student.parameters())
+        assert all(p.grad is not None for p in trained), name
         assert m.slow_student_state_dict() is None or name.startswith("cocord")
+
+
+def test_the_table_lists_every_method_once_and_drives_build_method():
+    assert list(METHODS) == ["supervised", "kd", "crd", "crd+kd", "cocord", "cocord+kd", *FEATURE_METHODS]
+    for name, entry in METHODS.items():
+        assert issubclass(entry.cls, Method) and entry.description, name
+        assert entry.needs_teacher == (name != "supervised"), name
+        assert entry.kd_term == (name in ("kd", "crd+kd", "cocord+kd")), name
+        assert type(build(name)) is entry.cls, name
+
+
+class Doubled(Method):
+    """A toy method for the test below: CE on the student's logits, times two."""
+
+    def __init__(self, student, w_ce=2.0):
+        super().__init__(student)
+        self.w_ce = w_ce
+
+    @classmethod
+    def from_hparams(cls, student, teacher, hp, num_samples, sample_labels, gather):
+        return cls(student, w_ce=hp["w_ce"])
+
+    def forward(self, views, target, index):
+        _, logits = forward_features(self.student, views[0])
+        return logits, {"ce": self.w_ce * F.cross_entropy(logits, target)}
+
+
+def test_a_new_method_is_one_class_plus_one_table_row(monkeypatch):
+    monkeypatch.setitem(METHODS, "doubled", MethodEntry(Doubled, False, False, "CE times two"))
+    m = build_method("doubled", default_method_args(), tiny_resnet(), None, len(LABELS), LABELS)
+    assert isinstance(m, Doubled) and m.hparams["w_ce"] == 2.0 and m.hparams["w_kd"] == 0.0  # its own defaults
+    _, losses = m([X], Y, IDX)
+    torch.testing.assert_close(losses["ce"], 2.0 * F.cross_entropy(m.student(X), Y))
+    from distill import train_imagenet
+    assert "doubled" in train_imagenet.build_parser().format_help()  # --method's help lists the table
 
 
 def test_flags_defaults_and_method_weight_defaults():
@@ -84,12 +129,9 @@ def test_flags_defaults_and_method_weight_defaults():
 
 
 def test_bad_inputs_give_clear_errors():
+    # (whether a teacher is given is checked once, on the command line: test_train_imagenet.test_bad_arguments)
     with pytest.raises(ValueError, match="unknown --method 'moco'.*cocord"):
         build_method("moco", default_method_args(), tiny_resnet(), tiny_resnet(), 12, LABELS)
-    with pytest.raises(ValueError, match="needs a teacher"):
-        build_method("kd", default_method_args(), tiny_resnet(), None, 12, LABELS)
-    with pytest.raises(ValueError, match="without a teacher"):
-        build_method("supervised", default_method_args(), tiny_resnet(), tiny_resnet(), 12, LABELS)
     with pytest.raises(ValueError, match="--tau = -1.0"):
         build("cocord", tau=-1.0)
     with pytest.raises(ValueError, match="--slow-momentum"):
@@ -125,7 +167,7 @@ def test_supervised_and_kd_losses_match_independent_computation():
 
 
 def test_teacher_eval_no_grad_for_every_teacher_method():
-    for name in METHODS[1:]:
+    for name in [n for n in METHODS if METHODS[n].needs_teacher]:
         m = build(name)
         before = copy.deepcopy(m.teacher.state_dict())
         m.train()
@@ -175,3 +217,25 @@ def test_benchmark_prints_ratios_and_imagenet_memory(capsys):
         assert row in out, out
     # from the real buffers: 1024 x 256 fp32 queue = 1 MiB; CRD's default 2 x 1,281,167 x 128 fp32 banks
     assert "CoCoRD queue 1.0 MiB" in out and "CRD banks 1251.1 MiB" in out and "= 1251.1x" in out, out
+
+
+def test_methods_reach_the_classifier_through_the_helpers_on_zoo_models():
+    """CIFAR zoo students and teachers: classifiers named `classifier` (VGG, MobileNetV2) or `linear`
+    (ShuffleNets), widths that differ; nothing may assume torchvision's `fc`."""
+    from distill.models import build_model
+    torch.manual_seed(0)
+    student, teacher = build_model("vgg8", 5), build_model("ShuffleV1", 5)
+    x = torch.randn(2, 3, 32, 32)
+    args = default_method_args(queue_size=6, proj_dim=8, proj_hidden_dim=8, pred_dim=4, crd_nce_k=5)
+    m = build_method("cocord", args, student, teacher, len(LABELS), LABELS).train()
+    slow = m.slow_student_state_dict()
+    assert list(slow) == [k for k in student.state_dict() if not k.startswith("classifier.")]
+    assert m.proj_s[0].in_features == 512 and m.proj_t[0].in_features == 960 and not m.proj_t_is_ema
+    m([x, x, x], Y[:2], IDX[:2])
+    ema = m._ema_pairs()[0]
+    assert len(ema[0]) == len(ema[1]) == len([n for n, _ in student.named_parameters()
+                                              if not n.startswith("classifier.")]) + len(list(m.slow_proj.parameters()))
+    m = build_method("crd", args, student, teacher, len(LABELS), LABELS)
+    assert (m.embed_s.linear.in_features, m.embed_t.linear.in_features) == (512, 960)
+    with pytest.raises(ValueError, match="teacher predicts 7 classes but the student 5"):
+        build_method("kd", args, build_model("MobileNetV2", 5), build_model("ShuffleV2", 7), len(LABELS), LABELS)

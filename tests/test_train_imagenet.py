@@ -14,6 +14,8 @@ import yaml
 from conftest import REPO
 from distill import train_imagenet
 from cocord_common.checkpoint import load_checkpoint
+from cocord_common.errors import UserError
+from distill.data import ImageError
 from distill.methods import METHODS
 from distill.models import build_resnet
 from test_distill_data import make_image_folder
@@ -43,13 +45,18 @@ def run(data, out, *extra, teacher=None, method="cocord"):
     return train_imagenet.main(argv)
 
 
-def check_outputs(out, method, epochs):
+def check_outputs(out, method, epochs, init_epochs=0):
+    """The files of a finished run; metrics lines: `init_epochs` initialisation lines (epoch 0,
+    init_epoch k) then one per main epoch. Returns (main-epoch lines, last checkpoint)."""
     out = str(out)
     for name in ("config.yaml", "log.txt", "metrics.jsonl", "student_backbone.pth", "last_checkpoint"):
         assert os.path.isfile(os.path.join(out, name)), name
     assert glob.glob(os.path.join(out, "tb", "events.out.tfevents.*"))
     lines = [json.loads(ln) for ln in open(os.path.join(out, "metrics.jsonl"))]
+    assert [(m["epoch"], m.get("init_epoch")) for m in lines[:init_epochs]] == [(0, k + 1) for k in range(init_epochs)]
+    lines = lines[init_epochs:]
     assert [m["epoch"] for m in lines] == list(range(1, epochs + 1))
+    assert not any("init_epoch" in m for m in lines)
     for key in ("epoch", "lr", "train/loss", "val/top1", "val/top5", "images_per_sec", "time"):
         assert key in lines[-1], key
     terms = [k for k in lines[-1] if k.startswith("train/") and k != "train/loss"]
@@ -78,12 +85,16 @@ def check_outputs(out, method, epochs):
     return lines, ckpt
 
 
-@pytest.mark.parametrize("method", METHODS)
+TWO_STAGE = ("ab", "ft")  # an initialisation stage (--init-epochs) before the main epochs
+
+
+@pytest.mark.parametrize("method", list(METHODS))
 def test_each_method_tiny_run_writes_every_output(tiny, tmp_path, method):
     data, teacher = tiny
-    metrics = run(data, tmp_path, "--epochs", "1", "--max-steps-per-epoch", "2", teacher=teacher, method=method)
-    lines, ckpt = check_outputs(tmp_path, method, 1)
-    assert metrics == lines[-1] and ckpt["step"] == 2
+    init = ["--init-epochs", "1"] if method in TWO_STAGE else []
+    metrics = run(data, tmp_path, "--epochs", "1", "--max-steps-per-epoch", "2", *init, teacher=teacher, method=method)
+    lines, ckpt = check_outputs(tmp_path, method, 1, init_epochs=len(init) // 2)
+    assert metrics == lines[-1] and ckpt["step"] == 2 * (1 + len(init) // 2)
     cfg = yaml.safe_load(open(tmp_path / "config.yaml"))
     assert cfg["lr"] == pytest.approx(0.1 * 4 / 256) and cfg["method"] == method
     assert ckpt["config"]["world_size"] == 1
@@ -203,11 +214,12 @@ def test_config_file_sets_defaults_and_cli_wins(tiny, tmp_path):
     with pytest.raises(ValueError, match=r"bad\.yaml: unknown key 'epochz'.*epochs"):
         train_imagenet.parse_args([data, "--config", str(bad)])
     bad.write_text("amp: fp8\n")
-    with pytest.raises(ValueError, match=r"amp='fp8' is not one of"):
+    with pytest.raises(ValueError, match=r"key 'amp' is 'fp8', expected one of"):
         train_imagenet.parse_args([data, "--config", str(bad)])
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(str(REPO / "configs" / "distill" / "*.yaml"))))
+# train_imagenet.py's recipes, <teacher>_<student>_<method>.yaml (cifar_pairs.yaml is the CIFAR benchmark's table)
+@pytest.mark.parametrize("path", sorted(glob.glob(str(REPO / "configs" / "distill" / "r*_r*_*.yaml"))))
 def test_shipped_configs_are_valid(path):
     args = train_imagenet.parse_args(["/data/imagenet", "--config", path])
     train_imagenet.check_args(args)
@@ -239,8 +251,14 @@ def test_unreadable_image_stops_with_its_name(tmp_path):
         for p in glob.glob(os.path.join(data, "train", f"class_{c}", "*.JPEG")):
             with open(p, "wb") as f:
                 f.write(b"\xff\xd8 truncated")
-    with pytest.raises(RuntimeError, match=r"cannot read image .*class_\d/img_\d\.JPEG"):
+    # found by the check before training, all of them in one error
+    with pytest.raises(ImageError, match=r"4 of 8 image files cannot be read \(--file-check header\):\n"
+                                         r"  .*class_0/img_0\.JPEG: "):
         run(data, tmp_path / "o", "--epochs", "1", method="supervised")
+    assert not os.path.exists(tmp_path / "o" / "config.yaml")  # the run never started
+    # without the check, the data loader meets one of them in the first batch
+    with pytest.raises(ImageError, match=r"cannot read image .*class_\d/img_\d\.JPEG"):
+        run(data, tmp_path / "o2", "--epochs", "1", "--file-check", "off", method="supervised")
 
 
 def test_mismatched_teacher_checkpoint(tiny, tmp_path):
@@ -257,12 +275,28 @@ def test_mismatched_teacher_checkpoint(tiny, tmp_path):
         train_imagenet.main(argv + ["--teacher-arch", "resnet18", "--teacher-weights", five])
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(RuntimeError, match=r"cannot load checkpoint .*garbage\.pth"):
+    with pytest.raises(ValueError, match=r"--teacher-weights: refusing to load .*garbage\.pth"):
         train_imagenet.main(argv + ["--teacher-arch", "resnet18", "--teacher-weights", str(garbage)])
     with pytest.raises(FileNotFoundError, match=r"no such file, and not a torchvision weights name.*IMAGENET1K_V1"):
         train_imagenet.main(argv + ["--teacher-arch", "resnet18", "--teacher-weights", "missing.pth"])
     with pytest.raises(ValueError, match=r"needs a teacher"):
         train_imagenet.main(argv + ["--teacher-arch", "resnet18"])
+
+
+def test_teacher_files_of_every_kind_are_read(tmp_path):
+    """Plain (with or without DDP's module.), pytorch/examples' {'state_dict', 'arch'}, and files holding
+    no state dict; read by cocord_common.weights, errors prefixed with the flag."""
+    sd = build_resnet("resnet18", 3).state_dict()
+    files = {"plain.pth": sd, "ddp.pth": {"module." + k: v for k, v in sd.items()},
+             "examples.pth": {"state_dict": {"module." + k: v for k, v in sd.items()}, "arch": "resnet18", "epoch": 9}}
+    for name, obj in files.items():
+        torch.save(obj, tmp_path / name)
+        got, source = train_imagenet.read_teacher_state(str(tmp_path / name), "resnet18", print)
+        assert source == str(tmp_path / name) and got.keys() == sd.keys(), name
+        assert all(torch.equal(got[k], sd[k]) for k in sd), name
+    torch.save({"epoch": 3, "note": "no weights"}, tmp_path / "empty.pth")
+    with pytest.raises(ValueError, match=r"--teacher-weights: .*empty\.pth is neither .* state dict of tensors"):
+        train_imagenet.read_teacher_state(str(tmp_path / "empty.pth"), "resnet18", print)
 
 
 def test_teacher_from_checkpoints_of_this_script(tiny, tmp_path):
@@ -286,7 +320,7 @@ def test_torchvision_weights_name_offline_error(tiny, tmp_path, monkeypatch):
     def offline(*a, **k):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(RuntimeError, match=r"downloading https://.*resnet18.* failed .*Offline\? .*local path"):
+    with pytest.raises(UserError, match=r"downloading https://.*resnet18.* failed .*Offline\? .*local path"):
         train_imagenet.main([data, "--method", "kd", "--teacher-arch", "resnet18", "--teacher-weights",
                              "IMAGENET1K_V1", "--output-dir", str(tmp_path / "o")] + TINY)
 

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from transfer import engine
+from transfer import torchvision_engine as engine
 from transfer.config import load_config
 from transfer.modeling import D2AnchorGenerator, D2ROIPooler, build_model
 
@@ -31,7 +31,7 @@ def test_repo_configs_load_and_validate(path):
 
 def test_voc_r50_is_moco_protocol():
     cfg = load_config(os.path.join(REPO, "configs", "voc_r50.yaml"))
-    assert cfg.MODEL.ROI_HEADS.NAME == "Res5ROIHeadsExtraNorm" and cfg.MODEL.RESNETS.NORM == "SyncBN"
+    assert cfg.MODEL.ROI_HEADS.NAME == "Res5ROIHeadsExtraNorm" and cfg.MODEL.RESNETS.NORM == "naiveSyncBN"
     assert tuple(cfg.INPUT.MIN_SIZE_TRAIN) == tuple(range(480, 801, 32))
     assert (cfg.SOLVER.MAX_ITER, tuple(cfg.SOLVER.STEPS), cfg.SOLVER.WARMUP_ITERS) == (24000, (18000, 22000), 100)
     assert (cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.BASE_LR) == (16, 0.02)
@@ -45,8 +45,8 @@ def test_voc_r50_is_moco_protocol():
 @pytest.mark.parametrize("path", [p for p in CONFIGS if "Base" not in p], ids=os.path.basename)
 def test_repo_configs_merge_into_detectron2(path):
     _d2()
-    from transfer import d2_engine
-    d2cfg = d2_engine.load_d2_config(path)
+    from transfer import detectron2_engine
+    d2cfg = detectron2_engine.load_d2_config(path)
     ours = load_config(path)
     for key in ("MODEL.RESNETS.DEPTH", "MODEL.ROI_HEADS.NAME", "INPUT.MIN_SIZE_TRAIN", "SOLVER.STEPS",
                 "MODEL.ANCHOR_GENERATOR.SIZES", "MODEL.RPN.POST_NMS_TOPK_TRAIN"):
@@ -130,8 +130,8 @@ def test_lr_schedule_and_param_groups_match_detectron2():
     except ImportError:
         return
     _d2()
-    from transfer import d2_engine
-    d2cfg = d2_engine.load_d2_config(os.path.join(REPO, "configs", "voc_r50.yaml"))
+    from transfer import detectron2_engine
+    d2cfg = detectron2_engine.load_d2_config(os.path.join(REPO, "configs", "voc_r50.yaml"))
     p = torch.nn.Parameter(torch.zeros(1))
     o = torch.optim.SGD([p], lr=d2cfg.SOLVER.BASE_LR)
     sched = build_lr_scheduler(d2cfg, o)

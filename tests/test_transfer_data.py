@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from synthetic_shapes import SHAPES, register_opts, voc_xml
+from cocord_pipeline.synthetic_shapes import SHAPES, register_opts, voc_xml
 
 from transfer import data as tdata
 from transfer.config import load_config
@@ -137,7 +137,7 @@ def test_train_stream_is_deterministic_and_grouped():
 
 def test_synthetic_shapes_read_the_same_as_voc_and_as_coco(tmp_path):
     """tools/synthetic_shapes.py writes one dataset in both formats: both loaders see the same boxes/classes."""
-    from synthetic_shapes import write_shapes
+    from cocord_pipeline.synthetic_shapes import write_shapes
     root = write_shapes(str(tmp_path / "s"), n_train=5, n_test=3)
     voc = tdata.load_voc(root, "test", SHAPES)
     coco = tdata.load_coco(os.path.join(root, "annotations", "instances_test.json"), os.path.join(root, "JPEGImages"))
@@ -146,3 +146,17 @@ def test_synthetic_shapes_read_the_same_as_voc_and_as_coco(tmp_path):
         assert v["file_name"] == c["file_name"] and (v["height"], v["width"]) == (c["height"], c["width"])
         key = lambda a: (a["bbox"], a["category_id"])  # noqa: E731
         assert sorted(map(key, v["annotations"])) == sorted(map(key, c["annotations"])) and v["annotations"]
+
+
+@pytest.mark.parametrize("fmt,red_channel,zero_channel", [("RGB", 0, 2), ("BGR", 2, 0)])
+def test_input_format_sets_the_channel_order(tmp_path, fmt, red_channel, zero_channel):
+    """A pure-red image comes out of the mapper with 255 in channel 0 under INPUT.FORMAT RGB and in
+    channel 2 under BGR (the detector's PIXEL_MEAN/STD are given in that order)."""
+    root = _tiny_voc(tmp_path, [("circle", (1, 1, 10, 20), 0)])
+    Image.new("RGB", (40, 30), (255, 0, 0)).save(root / "JPEGImages" / "a.jpg", quality=100)
+    cfg = load_config(None, register_opts("t", root, "train") + ["INPUT.FORMAT", fmt], validate_cfg=False)
+    d = tdata.get_dataset_dicts("t", cfg)[0]
+    for is_train in (True, False):
+        img = tdata.Mapper(cfg, is_train)(d, torch.Generator().manual_seed(0))["image"].float()
+        assert (img[red_channel] >= 250).all() and (img[1] <= 5).all() and (img[zero_channel] <= 5).all(), \
+            (fmt, is_train, img.mean(dim=(1, 2)))

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import shared_path
-from synthetic_shapes import register_opts, write_shapes
+from cocord_common.errors import UserError
+from cocord_pipeline.synthetic_shapes import register_opts, write_shapes
 from transfer import train_net
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,7 +102,7 @@ def test_amp_branch_runs_under_cpu_bf16_autocast(shapes, tmp_path, monkeypatch):
     """The engine's AMP branch end to end — autocast around the forward, the GradScaler calls, the scaler
     state in checkpoints, resume — with CPU bf16 autocast standing in for CUDA (no GPU here: only the
     device check in amp_dtype is bypassed)."""
-    from transfer import engine
+    from transfer import torchvision_engine as engine
     monkeypatch.setattr(engine, "amp_dtype", lambda cfg, device: torch.bfloat16 if cfg.SOLVER.AMP.ENABLED else None)
     common = dict(TEST__PRECISE_BN__ENABLED=False, SOLVER__WARMUP_ITERS=2)
     fp32 = run(tiny_opts(shapes, tmp_path / "fp32", 4, **common))
@@ -139,11 +140,11 @@ def test_bad_inputs_fail_clearly(shapes, tmp_path):
     assert not (out / "model_final.pth").exists()
     with pytest.raises(ValueError, match="NUM_CLASSES = 5.*3 classes"):
         run(tiny_opts(shapes, out, 2, MODEL__ROI_HEADS__NUM_CLASSES=5))
-    with pytest.raises(KeyError, match="SOLVER.MAX_ITERS"):
+    with pytest.raises(UserError, match="SOLVER.MAX_ITERS"):  # train_net: an unknown key is a user error
         run(tiny_opts(shapes, out, 2) + ["SOLVER.MAX_ITERS", "3"])
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text(f"_BASE_: {CPU_CFG}\nMODEL:\n  ROI_HEAD:\n    NUM_CLASSES: 3\n")
-    with pytest.raises(KeyError, match=r"bad\.yaml: unknown config key 'MODEL.ROI_HEAD'"):
+    with pytest.raises(UserError, match=r"bad\.yaml: unknown config key 'MODEL.ROI_HEAD'"):
         train_net.main(["--engine", "torchvision", "--config", str(bad_yaml)])
     with pytest.raises(ValueError, match="ResNet-18 has basic blocks.*FPN"):
         train_net.main(["--engine", "torchvision", "--config", os.path.join(REPO, "configs", "voc_r50.yaml"),

@@ -3,7 +3,7 @@ transfer configs, pipeline configs) — `_BASE_` merging and errors that name th
 import os
 
 import pytest
-from run_pipeline import load_pipeline_config
+from cocord_pipeline.config import load_pipeline_config
 
 from distill import train_imagenet
 from cocord_common.yaml_config import deep_merge, load_yaml_with_base, read_yaml_mapping

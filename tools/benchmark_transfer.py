@@ -15,25 +15,24 @@ How it measures (the same way for both engines):
   * evaluation: each engine's model (random init) and its own test loader (same DATALOADER.NUM_WORKERS)
     run over the first --eval-images images of DATASETS.TEST[0], after one untimed warm-up image; wall
     time per image, data loading included.
-`--synthetic` replaces the config's datasets by a small VOC folder of coloured shapes (tools/synthetic_shapes.py)
-written to a temporary directory (for machines without ../shared). Both engines run in this process one after the
-other; on a busy machine rerun with --repeat to see the spread.
+`--synthetic` replaces the config's datasets by a small VOC folder of coloured shapes
+(cocord_pipeline/synthetic_shapes.py) written to a temporary directory (for machines without ../shared). Both
+engines run in this process one after the other; on a busy machine rerun with --repeat to see the spread.
 """
 import argparse
 import json
 import logging
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from cocord_pipeline.synthetic_shapes import SHAPES, register_opts, write_shapes
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from synthetic_shapes import SHAPES, register_opts, write_shapes  # noqa: E402  (tools/, the script's own dir)
 
 DEFAULT_CONFIG = "configs/cpu/voc_bccd_r18_fpn.yaml"
 
@@ -66,7 +65,7 @@ def parse_args(argv=None):
 
 
 def synthetic_opts(root, n_test):
-    """Write tools/synthetic_shapes's shapes (16 train images, `n_test` test images, 320 px) to `root`;
+    """Write cocord_pipeline.synthetic_shapes's shapes (16 train images, `n_test` test images, 320 px) to `root`;
     returns the config overrides that train and test on it."""
     write_shapes(root, n_train=16, n_test=n_test, size=320)
     return (register_opts("bench_train", root, "train") + register_opts("bench_test", root, "test")
@@ -106,7 +105,7 @@ def _timed_loop(items, step):
 # ----------------------------------------------------------------------------------------------------
 def bench_torchvision(config, opts, iters, n_eval, out):
     from transfer import data as tdata
-    from transfer import engine
+    from transfer import torchvision_engine as engine
     from transfer.config import load_config
     from transfer.modeling import build_model
 
@@ -132,7 +131,7 @@ def bench_detectron2(config, opts, iters, n_eval, out):
     from detectron2.data import DatasetMapper, build_detection_test_loader
     from detectron2.modeling import build_model
 
-    from transfer import d2_engine
+    from transfer import detectron2_engine
 
     from detectron2.engine import hooks
 
@@ -142,13 +141,13 @@ def bench_detectron2(config, opts, iters, n_eval, out):
     # time every step, as the torchvision engine's median does (detectron2 skips its first 3 by default)
     hooks.IterationTimer.__init__ = lambda self, warmup_iter=3: timer_init(self, warmup_iter=0)
     try:
-        d2_engine.run(config, opts + train_opts(iters, out), args)
+        detectron2_engine.run(detectron2_engine.load_d2_config(config, opts + train_opts(iters, out)), args)
     finally:
         hooks.IterationTimer.__init__ = timer_init
     train = median_step_time(out)
 
-    cfg = d2_engine.load_d2_config(config, opts + ["OUTPUT_DIR", str(out)])
-    d2_engine.register_datasets(cfg)
+    cfg = detectron2_engine.load_d2_config(config, opts + ["OUTPUT_DIR", str(out)])
+    detectron2_engine.register_datasets(cfg)
     from transfer import data as tdata
     name = cfg.DATASETS.TEST[0]
     dicts = tdata.get_dataset_dicts(name, cfg)[: n_eval + 1]

@@ -12,18 +12,55 @@ import logging
 from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torchvision
+from fvcore.nn.distributed import differentiable_all_reduce
 from torchvision.ops import FrozenBatchNorm2d
 
+from transfer.config import C4_HEADS
 from transfer.d2_format import RESNET_SPECS, OPTIONAL_SUFFIX, d2_to_torchvision, split_d2_backbone
 
-NORMS = ("BN", "SyncBN", "FrozenBN")
+NORMS = ("BN", "SyncBN", "naiveSyncBN", "FrozenBN")
 STAGES = ("res2", "res3", "res4", "res5")
-# ROI heads that put res5 in the box head (C4): detectron2 builds that res5 from bottleneck blocks.
-C4_ROI_HEADS = ("Res5ROIHeads", "Res5ROIHeadsExtraNorm")
 
 logger = logging.getLogger(__name__)
+
+
+class NaiveSyncBatchNorm2d(nn.BatchNorm2d):
+    """detectron2's NaiveSyncBatchNorm (stats_mode "", MODEL.RESNETS.NORM "naiveSyncBN", MoCo's choice).
+
+    Training with several processes: each process takes the mean and the mean of squares of its own
+    batch over (N, H, W); both are all-reduced and divided by the world size, so every process gets
+    the same statistics with EQUAL weight per process whatever its batch size or image size:
+        mean = (1/W) sum_r mean_r,  var = (1/W) sum_r meansq_r - mean^2   (biased)
+    The all-reduce is differentiable (gradients are summed over processes). Running statistics move
+    by `momentum` towards (mean, var) — the biased variance, unlike BatchNorm2d's unbiased one — and
+    num_batches_tracked stays put, as in detectron2. One process, or eval mode: plain BatchNorm2d.
+    Half-precision inputs are reduced in float32 and the output is cast back.
+    """
+
+    def forward(self, x):
+        if not self.training or not dist.is_available() or not dist.is_initialized() \
+                or dist.get_world_size() == 1:
+            return super().forward(x)
+        if x.shape[0] == 0:
+            raise ValueError("naiveSyncBN got an empty batch on this process; detectron2's equal-weight "
+                             "mode cannot average it (use BN or SyncBN)")
+        dtype = x.dtype
+        x = x.float() if dtype in (torch.float16, torch.bfloat16) else x
+        channels = x.shape[1]
+        stats = torch.cat([x.mean(dim=[0, 2, 3]), (x * x).mean(dim=[0, 2, 3])])
+        stats = differentiable_all_reduce(stats) * (1.0 / dist.get_world_size())
+        mean, meansq = torch.split(stats, channels)
+        var = meansq - mean * mean
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        shift = self.bias - mean * scale
+        with torch.no_grad():
+            self.running_mean += self.momentum * (mean.detach() - self.running_mean)
+            self.running_var += self.momentum * (var.detach() - self.running_var)
+        out = x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+        return out.to(dtype)
 
 
 def norm_layer(norm: str):
@@ -31,6 +68,8 @@ def norm_layer(norm: str):
         return nn.BatchNorm2d
     if norm == "SyncBN":
         return nn.SyncBatchNorm
+    if norm == "naiveSyncBN":
+        return NaiveSyncBatchNorm2d
     if norm == "FrozenBN":
         return FrozenBatchNorm2d  # eps 1e-5, as detectron2's FrozenBatchNorm2d
     raise ValueError(f"unsupported norm '{norm}' for the ResNet trunk (MODEL.RESNETS.NORM); "
@@ -160,7 +199,7 @@ def check_arch_for_meta(depth: int, roi_head: str, res2_out_channels: Optional[i
     if depth not in RESNET_SPECS:
         raise ValueError(f"MODEL.RESNETS.DEPTH {depth} is not supported; choices: "
                          f"{sorted(RESNET_SPECS)}")
-    if depth in (18, 34) and roi_head in C4_ROI_HEADS:
+    if depth in (18, 34) and roi_head in C4_HEADS:
         raise ValueError(
             f"ResNet-{depth} has basic blocks, but MODEL.ROI_HEADS.NAME {roi_head} (a C4 config) "
             "builds a bottleneck res5 head that its weights cannot fill; use an FPN config for "

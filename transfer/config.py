@@ -195,7 +195,7 @@ def _check_keys(data, node, path, prefix=""):
     for k, v in data.items():
         full = f"{prefix}{k}"
         if full == "DATASETS.REGISTER":
-            _check_register(v, path)
+            check_register(v, path)
             continue
         if k not in node:
             raise KeyError(
@@ -205,16 +205,18 @@ def _check_keys(data, node, path, prefix=""):
             _check_keys(v, node[k], path, full + ".")
 
 
-def _check_register(reg, path):
+def check_register(reg, where):
+    """The one check of a DATASETS.REGISTER node (name -> mapping of REGISTER_KEYS); `where` names
+    the file (or 'config') in the error. Used by both engines' config loaders."""
     if not isinstance(reg, dict):
-        raise ValueError(f"{path}: DATASETS.REGISTER must map dataset names to settings, got {reg!r}")
+        raise ValueError(f"{where}: DATASETS.REGISTER must map dataset names to settings, got {reg!r}")
     for name, entry in reg.items():
         if not isinstance(entry, dict):
-            raise ValueError(f"{path}: DATASETS.REGISTER.{name} must be a mapping, got {entry!r}")
+            raise ValueError(f"{where}: DATASETS.REGISTER.{name} must be a mapping, got {entry!r}")
         for k in entry:
             if k not in REGISTER_KEYS:
                 raise KeyError(
-                    f"{path}: unknown config key 'DATASETS.REGISTER.{name}.{k}'; allowed: "
+                    f"{where}: unknown config key 'DATASETS.REGISTER.{name}.{k}'; allowed: "
                     f"{sorted(REGISTER_KEYS)}")
 
 
@@ -267,6 +269,8 @@ def load_config(path=None, opts=(), validate_cfg=True):
 # ----------------------------------------------------------------------------------------------
 # validation: refuse values our engines do not implement (never silently ignore a key)
 
+# ROI_HEADS.NAME values of a C4 model (res5 in the box head, which detectron2 builds from bottleneck
+# blocks) and of an FPN model
 C4_HEADS = ("Res5ROIHeads", "Res5ROIHeadsExtraNorm")
 FPN_HEADS = ("StandardROIHeads",)
 
@@ -281,7 +285,17 @@ def _require(cond, key, value, fix):
 
 
 def validate(cfg):
-    """Check structural settings; dataset-dependent checks live in `validate_datasets`."""
+    """Refuse settings our engines do not implement. Dataset-dependent checks (files, classes vs
+    ROI_HEADS.NUM_CLASSES) run when an engine prepares its datasets (transfer.data.check_dataset_files,
+    torchvision_engine.prepare_datasets)."""
+    _validate_model(cfg)
+    _validate_resnet(cfg.MODEL.RESNETS)
+    _validate_heads(cfg)
+    _validate_input(cfg)
+    _validate_solver(cfg)
+
+
+def _validate_model(cfg):
     m = cfg.MODEL
     _require(cfg.VERSION == 2, "VERSION", cfg.VERSION, "only detectron2 config version 2")
     _require(cfg.VIS_PERIOD == 0, "VIS_PERIOD", cfg.VIS_PERIOD, "training visualisation is not implemented; use 0")
@@ -293,9 +307,12 @@ def validate(cfg):
     _require(m.BACKBONE.NAME in ("build_resnet_backbone", "build_resnet_fpn_backbone"),
              "MODEL.BACKBONE.NAME", m.BACKBONE.NAME, "use build_resnet_backbone (C4) or build_resnet_fpn_backbone")
     _require(0 <= m.BACKBONE.FREEZE_AT <= 5, "MODEL.BACKBONE.FREEZE_AT", m.BACKBONE.FREEZE_AT, "use 0..5")
-    r = m.RESNETS
+
+
+def _validate_resnet(r):
     _require(r.DEPTH in (18, 34, 50, 101, 152), "MODEL.RESNETS.DEPTH", r.DEPTH, "use 18/34/50/101/152")
-    _require(r.NORM in ("BN", "SyncBN", "FrozenBN"), "MODEL.RESNETS.NORM", r.NORM, "use BN, SyncBN or FrozenBN")
+    _require(r.NORM in ("BN", "SyncBN", "naiveSyncBN", "FrozenBN"), "MODEL.RESNETS.NORM", r.NORM,
+             "use BN, SyncBN, naiveSyncBN or FrozenBN")
     _require(not r.STRIDE_IN_1X1, "MODEL.RESNETS.STRIDE_IN_1X1", r.STRIDE_IN_1X1,
              "torchvision ResNets put the stride in the 3x3 conv; set it to False")
     _require(r.NUM_GROUPS == 1 and r.WIDTH_PER_GROUP == 64, "MODEL.RESNETS.NUM_GROUPS/WIDTH_PER_GROUP",
@@ -307,6 +324,10 @@ def validate(cfg):
              f"ResNet-{r.DEPTH} needs {res2}")
     _require(not any(r.DEFORM_ON_PER_STAGE), "MODEL.RESNETS.DEFORM_ON_PER_STAGE", r.DEFORM_ON_PER_STAGE,
              "deformable convs are not implemented")
+
+
+def _validate_heads(cfg):
+    m, r = cfg.MODEL, cfg.MODEL.RESNETS
     _require(m.PROPOSAL_GENERATOR.NAME == "RPN", "MODEL.PROPOSAL_GENERATOR.NAME", m.PROPOSAL_GENERATOR.NAME,
              "only 'RPN'")
     _require(m.ANCHOR_GENERATOR.NAME == "DefaultAnchorGenerator", "MODEL.ANCHOR_GENERATOR.NAME",
@@ -350,6 +371,9 @@ def validate(cfg):
                      "C4 uses ['res4']")
         from transfer.backbone import check_arch_for_meta  # the one place this rule lives
         check_arch_for_meta(r.DEPTH, m.ROI_HEADS.NAME)
+
+
+def _validate_input(cfg):
     i = cfg.INPUT
     _require(i.FORMAT in ("RGB", "BGR"), "INPUT.FORMAT", i.FORMAT, "use RGB or BGR")
     _require(i.MIN_SIZE_TRAIN_SAMPLING in ("choice", "range"), "INPUT.MIN_SIZE_TRAIN_SAMPLING",
@@ -362,7 +386,21 @@ def validate(cfg):
     _require(not cfg.TEST.AUG.ENABLED, "TEST.AUG.ENABLED", True, "test-time augmentation is not implemented")
     _require(cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler", "DATALOADER.SAMPLER_TRAIN",
              cfg.DATALOADER.SAMPLER_TRAIN, "only TrainingSampler")
+    _require(len(cfg.MODEL.PIXEL_MEAN) == 3 and len(cfg.MODEL.PIXEL_STD) == 3, "MODEL.PIXEL_MEAN/STD",
+             (cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD), "give 3 values each")
+
+
+def check_solver_numbers(s):
+    """SOLVER values torch's optimizer would refuse with a message that names no key (both engines)."""
+    for key in ("BASE_LR", "MOMENTUM", "WEIGHT_DECAY"):
+        value = s.get(key)
+        if value is not None and not value >= 0:  # also refuses NaN
+            raise ValueError(f"config SOLVER.{key} = {value!r} must be a number >= 0")
+
+
+def _validate_solver(cfg):
     s = cfg.SOLVER
+    check_solver_numbers(s)
     _require(s.LR_SCHEDULER_NAME == "WarmupMultiStepLR", "SOLVER.LR_SCHEDULER_NAME", s.LR_SCHEDULER_NAME,
              "only WarmupMultiStepLR")
     _require(s.WARMUP_METHOD in ("linear", "constant"), "SOLVER.WARMUP_METHOD", s.WARMUP_METHOD,
@@ -374,6 +412,3 @@ def validate(cfg):
              "automatic rescaling is not implemented; set the batch and LR yourself")
     _require(s.CLIP_GRADIENTS.CLIP_TYPE in ("value", "norm"), "SOLVER.CLIP_GRADIENTS.CLIP_TYPE",
              s.CLIP_GRADIENTS.CLIP_TYPE, "use value or norm")
-    _require(len(cfg.MODEL.PIXEL_MEAN) == 3 and len(cfg.MODEL.PIXEL_STD) == 3, "MODEL.PIXEL_MEAN/STD",
-             (cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD), "give 3 values each")
-

@@ -138,6 +138,33 @@ def check_dataset_files(name, cfg=None):
     return meta
 
 
+def _image_files(meta):
+    """Every image file a dataset lists (VOC: the split file's ids; COCO: the JSON's images)."""
+    if meta["evaluator_type"] == "pascal_voc":
+        split_file = os.path.join(meta["dirname"], "ImageSets", "Main", meta["split"] + ".txt")
+        with open(split_file, encoding="utf-8") as f:
+            return [os.path.join(meta["dirname"], "JPEGImages", x.strip() + ".jpg") for x in f if x.strip()]
+    api = _load_coco_api(meta["json_file"])
+    return [os.path.join(meta["image_root"], api.imgs[i].get("file_name", "")) for i in sorted(api.imgs)]
+
+
+def check_images(name, cfg=None):
+    """Open every image of dataset `name` (its header: format, size) so that a missing or unreadable one
+    is reported before training, not at the evaluation after it. One error lists every bad file."""
+    bad = []
+    for path in _image_files(check_dataset_files(name, cfg)):
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+            if w <= 0 or h <= 0:
+                raise ValueError(f"size {w}x{h}")
+        except Exception as e:  # PIL raises several types for a damaged header
+            bad.append(f"{path} ({type(e).__name__}: {e})")
+    if bad:
+        raise ValueError(f"dataset '{name}': {len(bad)} image(s) cannot be read: " + "; ".join(bad[:20])
+                         + (" ..." if len(bad) > 20 else "") + "; replace or remove them")
+
+
 # ----------------------------------------------------------------------------------------------
 # dataset dicts
 
@@ -174,7 +201,7 @@ def load_voc(dirname, split, class_names):
     if not fileids:
         raise ValueError(f"{split_file} lists no images")
     class_ids = {c: i for i, c in enumerate(class_names)}
-    dicts, dropped, clipped = [], 0, 0
+    dicts, dropped, clipped = [], [], []  # annotation files with a dropped / clipped box
     for fileid in fileids:
         anno_file = os.path.join(dirname, "Annotations", fileid + ".xml")
         jpeg_file = os.path.join(dirname, "JPEGImages", fileid + ".jpg")
@@ -201,27 +228,65 @@ def load_voc(dirname, split, class_names):
                 box = [float(bb.find(k).text) for k in ("xmin", "ymin", "xmax", "ymax")]
             except (AttributeError, TypeError, ValueError):
                 raise ValueError(f"{anno_file}: object {cls!r} has a missing or non-numeric <bndbox>") from None
+            if not all(np.isfinite(box)):
+                raise ValueError(f"{anno_file}: object {cls!r} has a <bndbox> that is not finite ({box}); fix or "
+                                 "remove that object")
             if box[2] <= box[0] or box[3] <= box[1]:  # zero-area as written: a labelling slip
-                dropped += 1
+                dropped.append(anno_file)
                 continue
             box[0] -= 1.0  # 1-based pixel indices -> 0-based coordinates, as detectron2
             box[1] -= 1.0
             fixed = _clip_or_drop(box, w, h)
             if fixed is None:
-                dropped += 1
+                dropped.append(anno_file)
                 continue
-            clipped += fixed != box
+            if fixed != box:
+                clipped.append(anno_file)
             annos.append({"bbox": fixed, "bbox_mode": 0, "category_id": class_ids[cls], "iscrowd": 0})
         dicts.append({"file_name": jpeg_file, "image_id": fileid, "height": h, "width": w, "annotations": annos})
-    _log_fixes(f"{dirname} [{split}]", dropped, clipped)
+    _log_fixes(split_file, dropped, clipped)
     return dicts
 
 
-def _log_fixes(what, dropped, clipped):
+def _some(where, n=5):
+    """The first `n` distinct entries of `where`, for a log line."""
+    seen = list(dict.fromkeys(where))
+    return ", ".join(map(str, seen[:n])) + (f" and {len(seen) - n} more" if len(seen) > n else "")
+
+
+def _log_fixes(dataset_file, dropped, clipped):
+    """One log line per kind of fix; `dropped` / `clipped` list where each box was (an annotation file,
+    or a COCO annotation id) and the line names the dataset file and the first of them."""
     if dropped:
-        logger.warning(f"{what}: dropped {dropped} degenerate box(es) (zero area as written, or empty after clipping to the image)")
+        logger.warning(f"{dataset_file}: dropped {len(dropped)} degenerate box(es) (zero area as written, or "
+                       f"empty after clipping to the image): {_some(dropped)}")
     if clipped:
-        logger.info(f"{what}: clipped {clipped} box(es) reaching outside their image")
+        logger.info(f"{dataset_file}: clipped {len(clipped)} box(es) reaching outside their image: {_some(clipped)}")
+
+
+def _check_coco_annotations(api, json_file):
+    """Refuse annotations that cannot be trained on as written: a bbox that is not 4 finite numbers, or
+    an image_id with no image entry (pycocotools would silently leave those out)."""
+    orphans = []
+    for a in api.dataset.get("annotations", []):
+        if a.get("ignore", 0):
+            continue
+        bbox = a.get("bbox")
+        if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+            raise ValueError(f"{json_file}: annotation {a.get('id')} has bbox {bbox!r}; a COCO bbox is 4 numbers "
+                             "[x, y, width, height]")
+        try:
+            values = [float(v) for v in bbox]
+        except (TypeError, ValueError):
+            raise ValueError(f"{json_file}: annotation {a.get('id')} has a non-numeric bbox {bbox!r}") from None
+        if not all(np.isfinite(values)):
+            raise ValueError(f"{json_file}: annotation {a.get('id')} has a bbox that is not finite ({bbox!r}); "
+                             "fix or remove that annotation")
+        if a.get("image_id") not in api.imgs:
+            orphans.append(a.get("id"))
+    if orphans:
+        raise ValueError(f"{json_file}: {len(orphans)} annotation(s) name an image_id with no entry in 'images' "
+                         f"(annotation ids {_some(orphans, 10)}); add the images or remove those annotations")
 
 
 def load_coco(json_file, image_root):
@@ -230,7 +295,8 @@ def load_coco(json_file, image_root):
     api = _load_coco_api(json_file)
     cat_ids = sorted(api.getCatIds())
     id_map = {c: i for i, c in enumerate(cat_ids)}
-    dicts, dropped, clipped = [], 0, 0
+    _check_coco_annotations(api, json_file)
+    dicts, dropped, clipped = [], [], []  # "annotation <id>" of each dropped / clipped box
     for img_id in sorted(api.imgs):
         img = api.imgs[img_id]
         for k in ("file_name", "height", "width"):
@@ -247,9 +313,10 @@ def load_coco(json_file, image_root):
             box = [x, y, x + bw, y + bh]
             fixed = _clip_or_drop(box, w, h)
             if fixed is None:
-                dropped += 1
+                dropped.append(f"annotation {a.get('id')}")
                 continue
-            clipped += fixed != box
+            if fixed != box:
+                clipped.append(f"annotation {a.get('id')}")
             annos.append({"bbox": fixed, "bbox_mode": 0, "category_id": id_map[a["category_id"]],
                           "iscrowd": int(a.get("iscrowd", 0))})
         dicts.append({"file_name": os.path.join(image_root, img["file_name"]), "image_id": img_id,

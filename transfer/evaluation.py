@@ -24,6 +24,8 @@ processed the images in; it only matters for ties in score (see ``evaluate_voc``
 Deviations (inputs on which detectron2 would crash): coordinates written as floats in the XML are
 accepted, a missing ``<difficult>`` reads as 0, blank lines in the split file are skipped, and any
 ``year`` is accepted (only 2007 selects the 11-point metric).
+Deviation on purpose: a class with no non-difficult ground truth in the split (never on standard VOC)
+is left out of the headline means and named in ``excluded_classes`` (detectron2 averages in its NaN AP).
 """
 import contextlib
 import io
@@ -212,13 +214,25 @@ def _voc_class_ap(ovmax, gmax, gt_difficult, npos, thresholds, use_07_metric):
     return aps
 
 
+def _headline_means(aps, included):
+    """{IoU: mean AP over the included classes}; NaN when no class is included. With every class
+    included this is detectron2's mean over all classes, bit for bit."""
+    if not any(included):
+        return {t: float("nan") for t in aps}
+    return {t: np.mean([a for a, inc in zip(v, included) if inc]) for t, v in aps.items()}
+
+
 def evaluate_voc(meta, predictions):
     """PASCAL VOC detection AP with detectron2's ``PascalVOCDetectionEvaluator`` semantics.
 
     ``meta`` needs ``thing_classes``, ``dirname`` (VOC root with Annotations/ and ImageSets/Main/),
     ``split`` and ``year``. ``predictions`` as in the module docstring, keyed by the file id (the
     ``image_id`` of the VOC loader). Returns OrderedDict(AP, AP50, AP75, per_class_AP50={name: AP50}),
-    all x100.
+    all x100, plus ``excluded_classes`` [names] when some class has no non-difficult ground truth in
+    the split: the headline AP/AP50/AP75 average only the classes that have some (detectron2 averages
+    in NaN, or 0 with the 11-point metric, which would turn a mean over trials into NaN); their
+    per-class AP50 stays detectron2's NaN / 0. On standard VOC every class has ground truth and the
+    numbers are detectron2's.
     """
     what = "VOC evaluation"
     _require(meta, ("thing_classes", "dirname", "split", "year"), what)
@@ -260,15 +274,14 @@ def evaluate_voc(meta, predictions):
 
     thresholds = [t / 100.0 for t in VOC_IOU_THRESHOLDS]
     aps = {t: [] for t in VOC_IOU_THRESHOLDS}
-    for c, name in enumerate(classes):
+    included = []  # per class: has non-difficult ground truth in the split
+    for c in range(len(classes)):
         gts = per_class[c]
         gt_img = np.array([g[0] for g in gts], dtype=np.int64)
         gt_boxes = np.array([g[1] for g in gts], dtype=np.float64).reshape(-1, 4)
         gt_diff = np.array([bool(g[2]) for g in gts], dtype=bool)
         npos = int((~gt_diff).sum())
-        if npos == 0:
-            logger.warning(f"{what}: class {name!r} has no non-difficult ground truth in {split_file}; "
-                           "its AP is NaN (0 with the 11-point metric), as in detectron2")
+        included.append(npos > 0)
         gt_count = np.bincount(gt_img, minlength=len(image_names))
         gt_start = np.concatenate(([0], np.cumsum(gt_count)[:-1]))  # gts are in image order
 
@@ -279,12 +292,18 @@ def evaluate_voc(meta, predictions):
         for t, ap in zip(VOC_IOU_THRESHOLDS, _voc_class_ap(ovmax, gmax, gt_diff, npos, thresholds, use_07)):
             aps[t].append(ap * 100)
 
-    mAP = {t: np.mean(v) for t, v in aps.items()}
+    mAP = _headline_means(aps, included)
     ret = OrderedDict()
     ret["AP"] = float(np.mean(list(mAP.values())))
     ret["AP50"] = float(mAP[50])
     ret["AP75"] = float(mAP[75])
     ret["per_class_AP50"] = OrderedDict((n, float(a)) for n, a in zip(classes, aps[50]))
+    excluded = [n for n, inc in zip(classes, included) if not inc]
+    if excluded:
+        ret["excluded_classes"] = excluded
+        logger.warning(f"{what}: class(es) {excluded} have no non-difficult ground truth in {split_file}; the "
+                       f"headline AP/AP50/AP75 average the other {len(classes) - len(excluded)} class(es) "
+                       "(detectron2 would average in a NaN AP, or 0 with the 11-point metric, for each)")
     logger.info(f"{what} of {dirname} [{split}] with the {2007 if use_07 else 2012} metric: "
                 f"AP {ret['AP']:.3f}  AP50 {ret['AP50']:.3f}  AP75 {ret['AP75']:.3f}")
     return ret

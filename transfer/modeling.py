@@ -154,8 +154,9 @@ class FloatRPNHead(RPNHead):
 
 
 class D2RPN(RegionProposalNetwork):
-    """torchvision RPN with detectron2's losses: both terms summed over sampled anchors and divided by
-    BATCH_SIZE_PER_IMAGE * num_images; box term L1/smooth-L1 with SMOOTH_L1_BETA."""
+    """torchvision RPN with detectron2's losses (both terms summed over sampled anchors and divided by
+    BATCH_SIZE_PER_IMAGE * num_images; box term L1/smooth-L1 with SMOOTH_L1_BETA) and detectron2's
+    proposal selection (NMS and top-k on objectness logits)."""
 
     def __init__(self, *args, beta, batch_size_per_image, **kw):
         super().__init__(*args, batch_size_per_image=batch_size_per_image, **kw)
@@ -175,6 +176,29 @@ class D2RPN(RegionProposalNetwork):
         obj_loss = F.binary_cross_entropy_with_logits(objectness[sampled].float(), labels[sampled],
                                                       reduction="sum") / normalizer
         return obj_loss, box_loss
+
+    def filter_proposals(self, proposals, objectness, image_shapes, num_anchors_per_level):
+        """detectron2's find_top_rpn_proposals: per level the PRE_NMS_TOPK anchors with the highest
+        objectness logit; per image clip, drop boxes smaller than min_size, NMS per level and keep the
+        POST_NMS_TOPK best, all ranked by the logits. torchvision ranks sigmoid(logit) after its top-k
+        instead, which rounds to 1.0 in float32 past a logit of ~16.6: tied scores then let other
+        proposals survive than in detectron2. Returns ([boxes [P,4]], [logits [P]]) per image."""
+        n = proposals.shape[0]
+        logits = objectness.detach().reshape(n, -1)
+        levels = torch.cat([torch.full((k,), i, dtype=torch.int64, device=logits.device)
+                            for i, k in enumerate(num_anchors_per_level)])
+        top = self._get_top_n_idx(logits, num_anchors_per_level)  # per level, by logit
+        rows = torch.arange(n, device=logits.device)[:, None]
+        logits, levels, proposals = logits[rows, top], levels[top], proposals[rows, top]
+        kept_boxes, kept_logits = [], []
+        for boxes, scores, lvl, shape in zip(proposals, logits, levels, image_shapes):
+            boxes = box_ops.clip_boxes_to_image(boxes, shape)
+            keep = box_ops.remove_small_boxes(boxes, self.min_size)
+            boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
+            keep = box_ops.batched_nms(boxes, scores, lvl, self.nms_thresh)[: self.post_nms_top_n()]
+            kept_boxes.append(boxes[keep])
+            kept_logits.append(scores[keep])
+        return kept_boxes, kept_logits
 
     def forward(self, images, features, targets=None):
         self._num_images = range(images.tensors.shape[0])

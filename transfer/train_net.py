@@ -6,23 +6,22 @@
     python transfer/train_net.py --config ... --trials 5          # MoCo's protocol: mean of 5 seeds
 
 Engines: `--engine auto` (default) uses detectron2 when it can be imported, else our torchvision
-engine (transfer/engine.py); both read the same YAML and write the same outputs.
+engine (transfer/torchvision_engine.py); both read the same YAML and write the same outputs. The
+config is loaded once, by the chosen engine's loader, and handed to it; several processes are
+started by `launch` below for the torchvision engine, by detectron2's own launcher for detectron2.
 """
 import argparse
 import json
-import math
 import os
 import socket
 import sys
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# run as a script: import the `transfer` package, not this folder's modules as top-level ones
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path[0] = _REPO
-elif _REPO not in sys.path:
-    sys.path.insert(0, _REPO)
+from cocord_common.checkpoint import POINTER, write_text_atomic
+from cocord_common.errors import UserError, input_checks, run_main
+from cocord_common.metrics import eval_lines, final_eval_line, mean_std, read_jsonl_torn_tail
 
 METRICS = ("AP", "AP50", "AP75")
+METRICS_FILE = "metrics.json"
 
 
 def argument_parser():
@@ -33,6 +32,9 @@ def argument_parser():
                    help="auto: detectron2 when importable, else torchvision (default: auto)")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUTPUT_DIR/last_checkpoint when it exists (else start from MODEL.WEIGHTS)")
+    p.add_argument("--allow-existing-output", action="store_true",
+                   help="start a fresh run even though OUTPUT_DIR holds another run (its metrics.json lines "
+                        "stay and the new run's follow them); without it such a folder is refused")
     p.add_argument("--eval-only", action="store_true", help="only evaluate MODEL.WEIGHTS (or the last checkpoint "
                    "with --resume)")
     p.add_argument("--num-gpus", type=int, default=1, help="processes per machine (default: 1)")
@@ -59,12 +61,12 @@ def choose_engine(requested):
     if requested == "auto":
         return "detectron2" if detectron2_available() else "torchvision"
     if requested == "detectron2" and not detectron2_available():
-        raise SystemExit("--engine detectron2: detectron2 cannot be imported; install it or use --engine torchvision")
+        raise UserError("--engine detectron2: detectron2 cannot be imported; install it or use --engine torchvision")
     return requested
 
 
 # ----------------------------------------------------------------------------------------------
-# processes (detectron2's launch)
+# processes of the torchvision engine (detectron2's launch protocol, also on CPU with gloo)
 
 
 def _free_port():
@@ -99,7 +101,7 @@ def launch(fn, args, fn_args, use_cuda):
         url = args.dist_url
         if url == "auto":
             if args.num_machines > 1:
-                raise SystemExit("--dist-url is required with --num-machines > 1 (e.g. tcp://host:port)")
+                raise UserError("--dist-url is required with --num-machines > 1 (e.g. tcp://host:port)")
             url = f"tcp://127.0.0.1:{_free_port()}"
         torch.multiprocessing.spawn(_worker, nprocs=args.num_gpus,
                                     args=(fn, world, args.num_gpus, args.machine_rank, url, fn_args, use_cuda))
@@ -116,15 +118,103 @@ def launch(fn, args, fn_args, use_cuda):
     return fn(*fn_args)
 
 
-def _torchvision_main(config_file, opts, args):
+def load_engine_config(engine, config_file, opts):
+    """The config of `engine` (torchvision: transfer.config's node, validated; detectron2: its own
+    get_cfg() extended with DATASETS.REGISTER), loaded once here and handed to the engine."""
+    if engine == "detectron2":
+        from transfer.detectron2_engine import load_d2_config
+        return load_d2_config(config_file, opts)
     from transfer.config import load_config
-    from transfer.engine import run
-    return run(load_config(config_file, opts), args)
+    return load_config(config_file, opts)
 
 
-def _d2_main(config_file, opts, args):
-    from transfer import d2_engine  # EVAL's module; imported only for this engine
-    return d2_engine.run(config_file, opts, args)
+def run_engine(engine, cfg, args):
+    """Run `engine` on `cfg` in the processes args asks for; returns its final metrics (None from a
+    torchvision launch of several processes)."""
+    if engine == "detectron2":
+        from transfer import detectron2_engine  # imported only for this engine
+        return detectron2_engine.run(cfg, args)  # detectron2's own launcher
+    from transfer import torchvision_engine
+    return launch(torchvision_engine.run, args, (cfg, args), cfg.MODEL.DEVICE.startswith("cuda"))
+
+
+def trial_config(cfg, output_dir, seed):
+    """`cfg` with OUTPUT_DIR and SEED of one trial."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.OUTPUT_DIR, cfg.SEED = output_dir, seed
+    cfg.freeze()
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# the output folder: one run per folder
+
+
+def holds_run(output_dir):
+    """Whether `output_dir` holds (part of) a training run: a checkpoint pointer or metrics lines."""
+    metrics = os.path.join(output_dir, METRICS_FILE)
+    return os.path.isfile(os.path.join(output_dir, POINTER)) or (
+        os.path.isfile(metrics) and os.path.getsize(metrics) > 0)
+
+
+def finished_eval_line(output_dir, max_iter):
+    """The final evaluation line of a run in `output_dir` finished at `max_iter` (last_checkpoint names
+    model_final.pth and metrics.json's last evaluation is at iteration max_iter - 1), else None (a
+    larger SOLVER.MAX_ITER continues it)."""
+    pointer = os.path.join(output_dir, POINTER)
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer, encoding="utf-8") as f:
+        if f.read().strip() != "model_final.pth":
+            return None
+    rows, _ = read_jsonl_torn_tail(os.path.join(output_dir, METRICS_FILE))
+    evals = eval_lines(rows)
+    return evals[-1] if evals and evals[-1].get("iteration") == max_iter - 1 else None
+
+
+def drop_torn_metrics_line(output_dir):
+    """Cut a torn last line (a kill mid-append) off metrics.json, with a warning naming the file, so
+    that a resumed run appends after whole lines. A bad line before the last one stays an error."""
+    path = os.path.join(output_dir, METRICS_FILE)
+    _, torn = read_jsonl_torn_tail(path)
+    if torn is None:
+        return
+    with open(path, "rb") as f:
+        data = f.read().rstrip()
+    cut = data.rfind(b"\n") + 1  # the torn line is the last non-blank one
+    with open(path, "r+b") as f:
+        f.truncate(cut)
+    print(f"[train_net] warning: {path}:{torn[0]}: dropped a torn last line (a run killed while "
+          f"appending it): {torn[1][:80]!r}", file=sys.stderr, flush=True)
+
+
+def prepare_output_dir(output_dir, max_iter, args):
+    """Refuse a fresh run into a folder holding another run; on --resume, tidy metrics.json. Returns
+    the final evaluation line when --resume finds the run finished (nothing left to do), else None."""
+    if args.eval_only:
+        return None  # --eval-only only appends its evaluation line
+    if not args.resume:
+        if holds_run(output_dir) and not args.allow_existing_output:
+            raise UserError(
+                f"OUTPUT_DIR {output_dir} already holds a run (last_checkpoint or metrics.json); a new run "
+                "there would mix both histories. Pass --resume to continue it, choose another OUTPUT_DIR, or "
+                "pass --allow-existing-output to start afresh there anyway")
+        return None
+    drop_torn_metrics_line(output_dir)
+    return finished_eval_line(output_dir, max_iter)
+
+
+def run_in_folder(engine, cfg, args):
+    """run_engine, unless the folder's state says not to start (see prepare_output_dir). The engines
+    report bad input (data, weights, config values) with ValueError: user errors here."""
+    finished = prepare_output_dir(cfg.OUTPUT_DIR, cfg.SOLVER.MAX_ITER, args)
+    if finished is not None:
+        print(f"[train_net] {cfg.OUTPUT_DIR} holds a finished run (model_final.pth, evaluation at iteration "
+              f"{finished.get('iteration')}); nothing to do, nothing appended", flush=True)
+        return finished if engine == "detectron2" else {k: v for k, v in finished.items() if k != "iteration"}
+    with input_checks():
+        return run_engine(engine, cfg, args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,19 +222,15 @@ def _d2_main(config_file, opts, args):
 
 
 def final_metrics(output_dir):
-    """The last metrics.json line of `output_dir` that holds bbox/AP (either engine writes it)."""
-    path = os.path.join(output_dir, "metrics.json")
-    found = None
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                line = line.strip()
-                if line:
-                    rec = json.loads(line)
-                    if "bbox/AP" in rec:
-                        found = rec
+    """AP/AP50/AP75 of the final evaluation line of `output_dir`/metrics.json (either engine)."""
+    path = os.path.join(output_dir, METRICS_FILE)
+    found = final_eval_line(path)
     if found is None:
         raise RuntimeError(f"{path} holds no evaluation line (bbox/AP); did the run finish?")
+    missing = [f"bbox/{m}" for m in METRICS if f"bbox/{m}" not in found]
+    if missing:
+        raise RuntimeError(f"{path}: the final evaluation line lacks {missing} (keys: {sorted(found)}); "
+                           "--trials summarises runs with one DATASETS.TEST dataset")
     return {m: float(found[f"bbox/{m}"]) for m in METRICS}
 
 
@@ -152,48 +238,52 @@ def summarize(rows):
     """Mean and sample std (ddof 1; 0 for one trial) of AP/AP50/AP75 over trial rows."""
     mean, std = {}, {}
     for m in METRICS:
-        vals = [r[m] for r in rows]
-        mu = sum(vals) / len(vals)
-        mean[m] = mu
-        std[m] = math.sqrt(sum((v - mu) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+        mean[m], std[m] = mean_std(r[m] for r in rows)
     return mean, std
 
 
 def main(argv=None):
     args = argument_parser().parse_args(argv)
     if args.trials < 1:
-        raise SystemExit(f"--trials must be >= 1, got {args.trials}")
+        raise UserError(f"--trials must be >= 1, got {args.trials}")
     engine = choose_engine(args.engine)
     print(f"[train_net] engine: {engine}" + (" (auto: detectron2 importable)" if args.engine == "auto" and
                                              engine == "detectron2" else
                                              " (auto: detectron2 not importable)" if args.engine == "auto" else ""),
           flush=True)
-    entry = _d2_main if engine == "detectron2" else _torchvision_main
-    opts = list(args.opts)
-
-    from transfer.config import load_config
-    # resolve OUTPUT_DIR/SEED (and, for our engine, reject bad configs before spawning anything)
-    base = load_config(args.config_file, opts, validate_cfg=engine == "torchvision")
-    use_cuda = base.MODEL.DEVICE.startswith("cuda")
+    # loaded (and checked) once, before any process starts; its refusals (ValueError, KeyError for an
+    # unknown key) are the user's to fix
+    with input_checks():
+        try:
+            base = load_engine_config(engine, args.config_file, list(args.opts))
+        except KeyError as e:
+            raise UserError(e.args[0] if e.args else str(e)) from e
     if args.trials == 1:
-        return launch(entry, args, (args.config_file, opts, args), use_cuda)
+        return run_in_folder(engine, base, args)
 
     seed0 = base.SEED if base.SEED >= 0 else 0
     rows = []
     for k in range(args.trials):
         out = os.path.join(base.OUTPUT_DIR, f"trial{k}")
-        trial_opts = opts + ["OUTPUT_DIR", out, "SEED", str(seed0 + k)]
         print(f"[train_net] trial {k}: SEED {seed0 + k}, OUTPUT_DIR {out}", flush=True)
-        launch(entry, args, (args.config_file, trial_opts, args), use_cuda)
+        run_in_folder(engine, trial_config(base, out, seed0 + k), args)
         rows.append({"trial": k, "seed": seed0 + k, "output_dir": out, **final_metrics(out)})
     mean, std = summarize(rows)
     summary = {"engine": engine, "trials": rows, "mean": mean, "std": std}
-    from cocord_common.checkpoint import write_text_atomic
     write_text_atomic(os.path.join(base.OUTPUT_DIR, "trials_summary.json"), json.dumps(summary, indent=2))
     for m in METRICS:
         print(f"[train_net] {m}: {mean[m]:.2f} ± {std[m]:.2f} over {args.trials} trials", flush=True)
     return summary
 
 
+def cli(argv=None):
+    """Console entry (cocord-transfer): exit status 0 once main has finished (main itself returns the
+    metrics, for callers in Python; a dict handed to sys.exit would be printed and exit 1). User errors
+    print `train_net.py: error: ...` and exit 2 (cocord_common.errors.run_main; --debug shows the
+    traceback)."""
+    run_main(main, argv, prog="train_net.py")
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -1,60 +1,145 @@
-"""All distillation methods behind one interface (I2): `add_method_args`, `build_method`, `METHODS`.
+"""All distillation methods behind one interface (I2): the `METHODS` table, `add_method_args`,
+`build_method`.
 
-Every hyper-parameter flag lives here, with its default; `build_method` turns the parsed flags into a
-Method (see methods/base.py for the interface). Weight flags left at None take the method's own
-default (table in `METHOD_DEFAULTS`), so `kd` and `cocord+kd` can keep their published weights.
+`METHODS` maps each `--method` name to its row: the Method class (whose `from_hparams` builds it),
+whether it needs a teacher, whether it has a KD term on the teacher's logits, the loss weights that
+differ from the class's constructor defaults, and a one-line description. The CLI, the pipeline and
+the docs read it. A new method is one module with a Method subclass plus one row here (and rows in
+`FLAGS` for new hyper-parameters).
+
+Every hyper-parameter flag takes its default from one constructor's signature (`FLAGS`), so the
+published values live once, in the method's own module. `--w-ce` / `--w-kd` left at None take the
+method's default: its row's `weights`, else its constructor's default, else 0 (no such term).
 """
 import argparse
+import inspect
+from dataclasses import dataclass, field
 
+from distill.methods.ab import AB
+from distill.methods.at import AT
 from distill.methods.base import Method
+from distill.methods.cc import CC
+from distill.methods.cocord import CoCoRD
 from distill.methods.crd import CRD
+from distill.methods.feature_method import TwoStageMethod
+from distill.methods.fitnet import FitNet
+from distill.methods.ft import FT
 from distill.methods.kd import KD
+from distill.methods.pkt import PKT
+from distill.methods.rkd import RKD
+from distill.methods.sp import SP
 from distill.methods.supervised import Supervised
+from distill.methods.vid import VID
+from distill.models import ZooModel, num_classes_of
 
-METHODS = ("supervised", "kd", "crd", "crd+kd", "cocord", "cocord+kd")
 
-# weights used when --w-ce / --w-kd are not given (kd: RepDistiller's KD setting, -r 0.1 -a 0.9;
-# crd/crd+kd: CRD's -r 1 -b 0.8 [-a 1]; cocord+kd: 1 / 1)
-METHOD_DEFAULTS = {
-    "supervised": {"w_ce": 1.0, "w_kd": 0.0},
-    "kd": {"w_ce": 0.1, "w_kd": 0.9},
-    "crd": {"w_ce": 1.0, "w_kd": 0.0},
-    "crd+kd": {"w_ce": 1.0, "w_kd": 1.0},
-    "cocord": {"w_ce": 1.0, "w_kd": 0.0},
-    "cocord+kd": {"w_ce": 1.0, "w_kd": 1.0},
+@dataclass(frozen=True)
+class MethodEntry:
+    cls: type                 # a Method subclass; cls.from_hparams(...) builds it
+    needs_teacher: bool       # trains against a frozen teacher (--teacher-arch / --teacher-weights)
+    kd_term: bool             # compares teacher and student logits, so both must predict the same classes
+    description: str
+    weights: dict = field(default_factory=dict)  # w_ce / w_kd that differ from cls's constructor defaults
+
+
+METHODS = {
+    "supervised": MethodEntry(Supervised, False, False, "cross-entropy only (teachers, the plain student)"),
+    # RepDistiller's KD setting (-r 0.1 -a 0.9)
+    "kd": MethodEntry(KD, True, True, "Hinton et al. knowledge distillation",
+                      weights={"w_ce": 0.1, "w_kd": 0.9}),
+    "crd": MethodEntry(CRD, True, False, "Contrastive Representation Distillation (Tian et al.)"),
+    "crd+kd": MethodEntry(CRD, True, True, "CRD plus a KD term (CRD's -a 1)", weights={"w_kd": 1.0}),
+    "cocord": MethodEntry(CoCoRD, True, False, "Contrastive Consistent Representation Distillation"),
+    "cocord+kd": MethodEntry(CoCoRD, True, True, "CoCoRD plus a KD term", weights={"w_kd": 1.0}),
+    # the feature-based baselines, RepDistiller's settings (CE 1, KD 0, beta = the method's --w-<name>)
+    "fitnet": MethodEntry(FitNet, True, False, "FitNets hint on the middle feature map through a regressor"),
+    "at": MethodEntry(AT, True, False, "attention transfer on every stage output"),
+    "sp": MethodEntry(SP, True, False, "similarity-preserving KD on the last feature map"),
+    "cc": MethodEntry(CC, True, False, "correlation congruence on embedded pooled features"),
+    "vid": MethodEntry(VID, True, False, "variational information distillation on every stage output"),
+    "rkd": MethodEntry(RKD, True, False, "relational KD (distance + angle) on pooled features"),
+    "pkt": MethodEntry(PKT, True, False, "probabilistic knowledge transfer on pooled features"),
+    "ab": MethodEntry(AB, True, False, "activation boundaries: connector initialisation stage, then CE"),
+    "ft": MethodEntry(FT, True, False, "factor transfer: paraphraser initialisation stage, then translator"),
 }
+
+
+def constructor_default(cls, param):
+    """The default of `param` in `cls.__init__`: the one place each published value is written."""
+    p = inspect.signature(cls.__init__).parameters.get(param)
+    if p is None or p.default is inspect.Parameter.empty:
+        raise TypeError(f"{cls.__name__}.__init__ has no default for '{param}'")
+    return p.default
+
+
+# (flag, type, (class, constructor parameter) the default comes from, help; {default} is filled in)
+FLAGS = (
+    ("--kd-T", float, (CoCoRD, "kd_T"), "KD temperature (default: {default})"),
+    ("--tau", float, (CoCoRD, "tau"), "CoCoRD InfoNCE temperature (default: {default})"),
+    ("--queue-size", int, (CoCoRD, "queue_size"),
+     "CoCoRD queue length K of teacher keys (default: {default}, our ImageNet choice; "
+     "the authors use 2048 on CIFAR)"),
+    ("--proj-dim", int, (CoCoRD, "proj_dim"), "CoCoRD projection output width (default: {default})"),
+    ("--proj-hidden-dim", int, (CoCoRD, "proj_hidden_dim"), "CoCoRD projection hidden width (default: {default})"),
+    ("--pred-dim", int, (CoCoRD, "pred_dim"), "CoCoRD predictor hidden width (default: {default})"),
+    ("--teacher-head-momentum", float, (CoCoRD, "teacher_head_momentum"),
+     "EMA momentum of the teacher projection head (default: {default})"),
+    ("--slow-momentum", float, (CoCoRD, "slow_momentum"),
+     "EMA momentum of the slow-moving student (default: {default})"),
+    ("--w-contrast", float, (CoCoRD, "w_contrast"), "CoCoRD contrastive weight (default: {default})"),
+    ("--w-pred", float, (CoCoRD, "w_pred"), "CoCoRD prediction-loss weight (default: {default})"),
+    ("--crd-feat-dim", int, (CRD, "feat_dim"), "CRD embedding width (default: {default})"),
+    ("--crd-nce-k", int, (CRD, "nce_k"), "CRD negatives per sample (default: {default})"),
+    ("--crd-nce-t", float, (CRD, "nce_t"), "CRD temperature (default: {default})"),
+    ("--crd-momentum", float, (CRD, "momentum"), "CRD memory-bank momentum (default: {default})"),
+    ("--w-crd", float, (CRD, "w_crd"), "CRD loss weight (default: {default})"),
+    ("--w-fitnet", float, (FitNet, "w_fitnet"), "FitNet hint-loss weight (default: {default})"),
+    ("--hint-layer", int, (FitNet, "hint_layer"),
+     "FitNet hint layer, an index into [stem, stage 1, stage 2, ...] (default: {default})"),
+    ("--w-at", float, (AT, "w_at"), "attention-transfer loss weight (default: {default})"),
+    ("--w-sp", float, (SP, "w_sp"), "similarity-preserving loss weight (default: {default})"),
+    ("--w-cc", float, (CC, "w_cc"), "correlation-congruence loss weight (default: {default})"),
+    ("--cc-feat-dim", int, (CC, "feat_dim"), "CC embedding width (default: {default})"),
+    ("--w-vid", float, (VID, "w_vid"), "VID loss weight (default: {default})"),
+    ("--w-rkd", float, (RKD, "w_rkd"), "RKD loss weight (default: {default})"),
+    ("--rkd-w-dist", float, (RKD, "w_dist"), "RKD distance term weight inside the loss (default: {default})"),
+    ("--rkd-w-angle", float, (RKD, "w_angle"), "RKD angle term weight inside the loss (default: {default})"),
+    ("--w-pkt", float, (PKT, "w_pkt"), "PKT loss weight (default: {default})"),
+    ("--w-ab", float, (AB, "w_ab"), "AB loss weight in its initialisation stage (default: {default})"),
+    ("--w-ft", float, (FT, "w_ft"), "factor-transfer loss weight (default: {default})"),
+    ("--init-epochs", int, (AB, "init_epochs"),
+     "epochs of the initialisation stage of ab and ft, before the --epochs of the main stage (default: {default})"),
+)
+
+
+def get_method(name):
+    """The METHODS row of `name`; an unknown name is an error listing the choices."""
+    if name not in METHODS:
+        raise ValueError(f"unknown --method '{name}'; choose one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def default_weight(name, key):
+    """The weight `key` ("w_ce" / "w_kd") method `name` uses when the flag is not given."""
+    entry = get_method(name)
+    if key in entry.weights:
+        return entry.weights[key]
+    param = inspect.signature(entry.cls.__init__).parameters.get(key)
+    if param is None:
+        return 0.0  # the method has no such term
+    return constructor_default(entry.cls, key)
 
 
 def add_method_args(parser):
     """Add every method hyper-parameter flag (with its default) to an argparse parser."""
     g = parser.add_argument_group("distillation method hyper-parameters")
-    # loss weights
     g.add_argument("--w-ce", type=float, default=None,
                    help="weight of the cross-entropy term (default: 0.1 for kd, 1 otherwise)")
     g.add_argument("--w-kd", type=float, default=None,
                    help="weight of Hinton's KD term (default: 0.9 for kd, 1 for crd+kd / cocord+kd, 0 otherwise)")
-    g.add_argument("--kd-T", type=float, default=4.0, help="KD temperature (default: 4)")
-    # CoCoRD
-    g.add_argument("--tau", type=float, default=0.1, help="CoCoRD InfoNCE temperature (default: 0.1)")
-    g.add_argument("--queue-size", type=int, default=16384,
-                   help="CoCoRD queue length K of teacher keys (default: 16384, our ImageNet choice; "
-                        "the authors use 2048 on CIFAR)")
-    g.add_argument("--proj-dim", type=int, default=2048, help="CoCoRD projection output width (default: 2048)")
-    g.add_argument("--proj-hidden-dim", type=int, default=2048,
-                   help="CoCoRD projection hidden width (default: 2048)")
-    g.add_argument("--pred-dim", type=int, default=512, help="CoCoRD predictor hidden width (default: 512)")
-    g.add_argument("--teacher-head-momentum", type=float, default=0.999,
-                   help="EMA momentum of the teacher projection head (default: 0.999)")
-    g.add_argument("--slow-momentum", type=float, default=0.9,
-                   help="EMA momentum of the slow-moving student (default: 0.9)")
-    g.add_argument("--w-contrast", type=float, default=1.0, help="CoCoRD contrastive weight (default: 1)")
-    g.add_argument("--w-pred", type=float, default=4.0, help="CoCoRD prediction-loss weight (default: 4)")
-    # CRD
-    g.add_argument("--crd-feat-dim", type=int, default=128, help="CRD embedding width (default: 128)")
-    g.add_argument("--crd-nce-k", type=int, default=16384, help="CRD negatives per sample (default: 16384)")
-    g.add_argument("--crd-nce-t", type=float, default=0.07, help="CRD temperature (default: 0.07)")
-    g.add_argument("--crd-momentum", type=float, default=0.5, help="CRD memory-bank momentum (default: 0.5)")
-    g.add_argument("--w-crd", type=float, default=0.8, help="CRD loss weight (default: 0.8)")
+    for flag, type_, (cls, param), help_ in FLAGS:
+        default = type_(constructor_default(cls, param))
+        g.add_argument(flag, type=type_, default=default, help=help_.format(default=f"{default:g}"))
     return parser
 
 
@@ -73,18 +158,21 @@ def _resolve(name, args):
     hp = {k: getattr(args, k) for k in vars(default_method_args())}
     for k in ("w_ce", "w_kd"):
         if hp[k] is None:
-            hp[k] = METHOD_DEFAULTS[name][k]
+            hp[k] = default_weight(name, k)
 
     def need(cond, flag, what):
         if not cond:
             raise ValueError(f"--{flag} = {hp[flag.replace('-', '_')]!r} is invalid: {what}")
 
-    for w in ("w-ce", "w-kd", "w-contrast", "w-pred", "w-crd"):
+    for w in ("w-ce", "w-kd", "w-contrast", "w-pred", "w-crd", "w-fitnet", "w-at", "w-sp", "w-cc", "w-vid", "w-rkd",
+              "rkd-w-dist", "rkd-w-angle", "w-pkt", "w-ab", "w-ft"):
         need(hp[w.replace("-", "_")] >= 0, w, "loss weights must be >= 0")
     for flag in ("kd-T", "tau", "crd-nce-t"):
         need(hp[flag.replace("-", "_")] > 0, flag, "temperatures must be > 0")
-    for flag in ("queue-size", "proj-dim", "proj-hidden-dim", "pred-dim", "crd-feat-dim", "crd-nce-k"):
+    for flag in ("queue-size", "proj-dim", "proj-hidden-dim", "pred-dim", "crd-feat-dim", "crd-nce-k", "cc-feat-dim"):
         need(hp[flag.replace("-", "_")] >= 1, flag, "sizes must be >= 1")
+    for flag in ("hint-layer", "init-epochs"):
+        need(hp[flag.replace("-", "_")] >= 0, flag, "must be >= 0")
     for flag in ("teacher-head-momentum", "slow-momentum", "crd-momentum"):
         need(0 <= hp[flag.replace("-", "_")] < 1, flag, "momenta must lie in [0, 1)")
     if name.endswith("+kd"):
@@ -92,44 +180,38 @@ def _resolve(name, args):
     return hp
 
 
-def build_method(name, args, student, teacher, num_samples, sample_labels, gather=None) -> Method:
-    """Build method `name` (one of METHODS) from parsed flags; see methods/base.py for the interface.
+def build_method(name, args, student, teacher, num_samples, sample_labels, gather=None, image_size=None,
+                 drives_init_stage=False) -> Method:
+    """Build method `name` (a key of METHODS) from parsed flags; see methods/base.py for the interface.
 
-    `teacher` is None for `supervised` (and required otherwise); `sample_labels` [num_samples] holds
-    every training sample's class (CRD draws its negatives from other classes); `gather(t)` returns
+    `teacher` is the frozen teacher when METHODS[name].needs_teacher, else None (whether the command
+    line gives one is train_imagenet.check_args's check); `sample_labels` [num_samples] holds every
+    training sample's class (CRD draws its negatives from other classes); `gather(t)` returns
     torch.cat of `t` over all ranks (None in a single process). The resolved hyper-parameters are
     available as `method.hparams`. The student must already hold its initial weights: CoCoRD's slow
     student is a copy of it taken here (on resume, `load_state_dict` restores that copy).
+
+    `image_size` is the side of the square training crop; the feature-based methods size their
+    regressors / connectors from one dummy pass at it. Not given: `args.crop_size` (ImageNet trainer),
+    else `args.image_size` (benchmark), else 32 for a CIFAR zoo student. It is `hparams["image_size"]`.
+
+    `drives_init_stage`: the caller runs the initialisation stage of `ab` / `ft` (the protocol in
+    methods/feature_method.py); a caller that does not gets an error instead of a run that never leaves it.
     """
-    if name not in METHODS:
-        raise ValueError(f"unknown --method '{name}'; choose one of {', '.join(METHODS)}")
+    entry = get_method(name)
     hp = _resolve(name, args)
-    if name == "supervised":
-        if teacher is not None:
-            raise ValueError("--method supervised trains without a teacher; drop --teacher-arch/--teacher-weights")
-    else:
-        if teacher is None:
-            raise ValueError(f"--method {name} needs a teacher (--teacher-arch and --teacher-weights)")
-        if name in ("kd", "crd+kd", "cocord+kd") and teacher.fc.out_features != student.fc.out_features:
-            raise ValueError(f"--method {name}: the teacher predicts {teacher.fc.out_features} classes but the "
-                             f"student {student.fc.out_features}; KD needs the same classes")
-    if name == "supervised":
-        method = Supervised(student, w_ce=hp["w_ce"])
-    elif name == "kd":
-        method = KD(student, teacher, w_ce=hp["w_ce"], w_kd=hp["w_kd"], T=hp["kd_T"])
-    elif name in ("crd", "crd+kd"):
-        if sample_labels is None or len(sample_labels) != num_samples:
-            raise ValueError(f"--method {name} needs the class of each of the {num_samples} training samples "
-                             f"(sample_labels), got {None if sample_labels is None else len(sample_labels)}")
-        method = CRD(student, teacher, sample_labels, feat_dim=hp["crd_feat_dim"], nce_k=hp["crd_nce_k"],
-                     nce_t=hp["crd_nce_t"], momentum=hp["crd_momentum"], w_ce=hp["w_ce"], w_crd=hp["w_crd"],
-                     w_kd=hp["w_kd"], kd_T=hp["kd_T"], gather=gather)
-    else:
-        from distill.cocord import CoCoRD  # here, not at the top: distill.cocord imports distill.methods.base
-        method = CoCoRD(student, teacher, proj_dim=hp["proj_dim"], proj_hidden_dim=hp["proj_hidden_dim"],
-                        pred_dim=hp["pred_dim"], queue_size=hp["queue_size"], tau=hp["tau"],
-                        teacher_head_momentum=hp["teacher_head_momentum"], slow_momentum=hp["slow_momentum"],
-                        w_ce=hp["w_ce"], w_contrast=hp["w_contrast"], w_pred=hp["w_pred"], w_kd=hp["w_kd"],
-                        kd_T=hp["kd_T"], gather=gather)
+    if issubclass(entry.cls, TwoStageMethod) and hp["init_epochs"] and not drives_init_stage:
+        raise ValueError(f"--method {name} starts with an initialisation stage of --init-epochs {hp['init_epochs']}, "
+                         f"which this trainer does not run; pass --init-epochs 0 to skip it, or train with a "
+                         f"trainer that drives it")
+    if image_size is None:
+        image_size = getattr(args, "crop_size", None) or getattr(args, "image_size", None)
+    if image_size is None and isinstance(student, ZooModel):
+        image_size = 32  # the zoo is built for CIFAR's 32x32 images
+    hp["image_size"] = image_size
+    if entry.kd_term and num_classes_of(teacher) != num_classes_of(student):
+        raise ValueError(f"--method {name}: the teacher predicts {num_classes_of(teacher)} classes but the "
+                         f"student {num_classes_of(student)}; KD needs the same classes")
+    method = entry.cls.from_hparams(student, teacher, hp, num_samples, sample_labels, gather)
     method.hparams = hp
     return method

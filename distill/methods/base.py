@@ -1,8 +1,10 @@
 """What every distillation method shares (interface I2).
 
-A Method owns the student (a torchvision ResNet incl. fc) and every trainable or stateful extra
-(heads, predictor, EMA networks, queue, memory banks). `forward(views, target, index)` returns the
-student's logits on views[0] and a dict of *weighted* loss terms whose sum is the loss to minimise.
+A Method owns the student (a torchvision ResNet or a CIFAR zoo model, classifier included) and every
+trainable or stateful extra (heads, predictor, EMA networks, queue, memory banks, regressors).
+`forward(views, target, index)` returns the student's logits on views[0] and a dict of *weighted* loss
+terms whose sum is the loss to minimise.
+`from_hparams` builds it from the parsed flags (one row per method in `distill.methods.METHODS`).
 
 The teacher backbone is frozen and comes from `--teacher-weights`, so it is kept outside the module
 registry: it is not in `state_dict()` (checkpoints stay student-sized), not in `parameters()` (the
@@ -17,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from distill.models import forward_features
+from distill.models import forward_features, forward_with_features
 
 
 def fp32_region(device_type):
@@ -67,10 +69,20 @@ class Method(nn.Module):
     def teacher_forward(self, x):
         return forward_features(self.teacher, x)  # ([B, d_t], [B, C_t])
 
+    @torch.no_grad()
+    def teacher_features(self, x, preact=False):
+        return forward_with_features(self.teacher, x, preact=preact)  # ([stem, stages..., pooled], logits)
+
     # --- interface --------------------------------------------------------------------------------
     def slow_student_state_dict(self):
         """The slow-moving student's backbone in torchvision layout (no fc), or None."""
         return None
+
+    @classmethod
+    def from_hparams(cls, student, teacher, hp, num_samples, sample_labels, gather):
+        """Build from resolved hyper-parameters `hp` (flag name -> value, see methods/__init__.py);
+        `num_samples` / `sample_labels` describe the training set, `gather` is None in one process."""
+        raise NotImplementedError(f"{cls.__name__} must define from_hparams to be listed in METHODS")
 
     def forward(self, views, target, index):
         raise NotImplementedError

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from distill.methods.base import Method, fp32, fp32_region, kd_loss
-from distill.models import forward_features
+from distill.models import classifier_in_features, forward_features
 
 EPS = 1e-7  # as CRD's criterion
 
@@ -66,8 +66,8 @@ class CRD(Method):
         self.w_ce, self.w_crd, self.w_kd, self.kd_T = w_ce, w_crd, w_kd, kd_T
         self.gather = gather
 
-        self.embed_s = Embed(student.fc.in_features, feat_dim)
-        self.embed_t = Embed(teacher.fc.in_features, feat_dim)
+        self.embed_s = Embed(classifier_in_features(student), feat_dim)
+        self.embed_t = Embed(classifier_in_features(teacher), feat_dim)
         stdv = 1.0 / math.sqrt(feat_dim / 3)
         self.register_buffer("memory_s", torch.rand(N, feat_dim).mul_(2 * stdv).add_(-stdv))  # [N, D] student bank
         self.register_buffer("memory_t", torch.rand(N, feat_dim).mul_(2 * stdv).add_(-stdv))  # [N, D] teacher bank
@@ -77,6 +77,15 @@ class CRD(Method):
         self.register_buffer("order", torch.argsort(labels, stable=True), persistent=False)  # [N] by class
         self.register_buffer("cls_count", counts, persistent=False)                  # [C]
         self.register_buffer("cls_start", torch.cumsum(counts, 0) - counts, persistent=False)  # [C]
+
+    @classmethod
+    def from_hparams(cls, student, teacher, hp, num_samples, sample_labels, gather):
+        if sample_labels is None or len(sample_labels) != num_samples:
+            raise ValueError(f"CRD needs the class of each of the {num_samples} training samples "
+                             f"(sample_labels), got {None if sample_labels is None else len(sample_labels)}")
+        return cls(student, teacher, sample_labels, feat_dim=hp["crd_feat_dim"], nce_k=hp["crd_nce_k"],
+                   nce_t=hp["crd_nce_t"], momentum=hp["crd_momentum"], w_ce=hp["w_ce"], w_crd=hp["w_crd"],
+                   w_kd=hp["w_kd"], kd_T=hp["kd_T"], gather=gather)
 
     # --- negatives ----------------------------------------------------------------------------------
     @torch.no_grad()

@@ -12,6 +12,10 @@ class KD(Method):
         super().__init__(student, teacher)
         self.w_ce, self.w_kd, self.T = w_ce, w_kd, T
 
+    @classmethod
+    def from_hparams(cls, student, teacher, hp, num_samples, sample_labels, gather):
+        return cls(student, teacher, w_ce=hp["w_ce"], w_kd=hp["w_kd"], T=hp["kd_T"])
+
     def forward(self, views, target, index):
         self._check_views(views)
         _, logits = forward_features(self.student, views[0])  # [B, C]

@@ -12,6 +12,10 @@ class Supervised(Method):
         super().__init__(student, teacher=None)
         self.w_ce = w_ce
 
+    @classmethod
+    def from_hparams(cls, student, teacher, hp, num_samples, sample_labels, gather):
+        return cls(student, w_ce=hp["w_ce"])
+
     def forward(self, views, target, index):
         self._check_views(views)
         _, logits = forward_features(self.student, views[0])  # [B, C]

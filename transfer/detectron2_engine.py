@@ -23,13 +23,14 @@ What it adds to detectron2 0.6:
     backbone tensor unfilled is an error (MODEL.WEIGHTS "" is the only way to train from scratch);
   * `--eval-only` appends its eval line to metrics.json, like a training run's final eval;
   * config.yaml in OUTPUT_DIR is detectron2's full resolved config (reloadable by this engine).
+  * several processes are started by detectron2's own `launch` (GPUs, NCCL), which also creates the
+    per-machine process group detectron2's DDP wrapper needs; torchrun and several CPU processes are
+    refused with a message (use the torchvision engine for those).
 
 Outputs are detectron2's: log.txt, metrics.json (JSON lines; the eval line has bbox/AP, bbox/AP50,
 bbox/AP75 and iteration), TensorBoard events, model_XXXXXXX.pth, model_final.pth, last_checkpoint.
 """
 import functools
-import json
-import logging
 import os
 import re
 
@@ -51,13 +52,18 @@ from detectron2.utils.collect_env import collect_env_info
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
-from cocord_common.checkpoint import save_atomic, write_text_atomic
+from cocord_common.checkpoint import (last_checkpoint, load_checkpoint, remove_orphan_temp_files, save_atomic,
+                                      write_text_atomic)
+from cocord_common.errors import UserError
+from cocord_common.log import close_logging
+from cocord_common.metrics import append_jsonl, final_eval_line
+from cocord_common.rng import rng_state, set_rng_state
 from transfer import config as tconfig
 from transfer import data as tdata
 from transfer.d2_format import load_d2_file
 from transfer.evaluation import evaluate
 
-logger = logging.getLogger("transfer.d2_engine")
+METRICS_FILE = "metrics.json"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -95,30 +101,25 @@ def load_d2_config(cfg_path, opts=()):
                            "key nor our DATASETS.REGISTER (check its spelling)") from None
         except (ValueError, AssertionError, yaml.YAMLError) as e:
             raise ValueError(f"{cfg_path}: {e}") from None
-    tconfig.merge_opts(cfg, list(opts))
-    for name, entry in cfg.DATASETS.REGISTER.items():
-        if not isinstance(entry, dict):
-            raise ValueError(f"config DATASETS.REGISTER.{name} must be a mapping, got {entry!r}")
-        bad = sorted(set(entry) - tconfig.REGISTER_KEYS)
-        if bad:
-            raise KeyError(f"config DATASETS.REGISTER.{name} has unknown key(s) {bad}; allowed: "
-                           f"{sorted(tconfig.REGISTER_KEYS)}")
+    tconfig.merge_opts(cfg, list(opts))  # refuses bad DATASETS.REGISTER keys on the command line
+    tconfig.check_register(cfg.DATASETS.REGISTER, cfg_path or "config")  # ... and in the file
     return cfg
 
 
 def check_runtime(cfg):
     """Settings that are valid config but cannot run on this machine."""
     if str(cfg.MODEL.DEVICE).startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"config MODEL.DEVICE = {cfg.MODEL.DEVICE!r} but CUDA is not available; "
+        raise UserError(f"config MODEL.DEVICE = {cfg.MODEL.DEVICE!r} but CUDA is not available; "
                            "add `MODEL.DEVICE cpu` to the command line")
     if cfg.SOLVER.AMP.ENABLED and not str(cfg.MODEL.DEVICE).startswith("cuda"):
-        raise RuntimeError("config SOLVER.AMP.ENABLED = True needs a CUDA device (detectron2's AMPTrainer); "
+        raise UserError("config SOLVER.AMP.ENABLED = True needs a CUDA device (detectron2's AMPTrainer); "
                            "add `SOLVER.AMP.ENABLED False` for CPU runs")
     if cfg.SOLVER.MAX_ITER in cfg.SOLVER.STEPS:
         raise ValueError(f"config SOLVER.STEPS {list(cfg.SOLVER.STEPS)} contains SOLVER.MAX_ITER {cfg.SOLVER.MAX_ITER}; "
                          "detectron2's scheduler needs every step < MAX_ITER (a step at MAX_ITER has no effect)")
     if not cfg.DATASETS.TRAIN and not cfg.DATASETS.TEST:
         raise ValueError("config DATASETS.TRAIN and DATASETS.TEST are both empty; nothing to do")
+    tconfig.check_solver_numbers(cfg.SOLVER)
 
 
 def dataset_names(cfg):
@@ -169,22 +170,34 @@ class Checkpointer(DetectionCheckpointer):
         write_text_atomic(os.path.join(self.save_dir, "last_checkpoint"), last_filename_basename)
 
     def _load_file(self, filename):
+        # never fvcore's plain torch.load: .pkl through our restricted unpickler, anything else through
+        # cocord_common.checkpoint.load_checkpoint (weights_only=True passed explicitly)
         if filename.endswith(".pkl"):
             return {"model": load_d2_file(filename), "__author__": "cocord-transfer", "matching_heuristics": True}
-        return super()._load_file(filename)
+        loaded = load_checkpoint(filename)
+        if not isinstance(loaded, dict):
+            raise UserError(f"MODEL.WEIGHTS {filename} holds a {type(loaded).__name__}, not a checkpoint dict")
+        return loaded if "model" in loaded else {"model": loaded}
 
     def _load_model(self, checkpoint):
+        file_keys = list(checkpoint.get("model", {}))  # fvcore pops "model"
         incompatible = super()._load_model(checkpoint)
-        if checkpoint.get("matching_heuristics", False):
-            missing = [k for k in incompatible.missing_keys
-                       if _TRUNK_KEY.match(k) and not k.endswith("num_batches_tracked")]
-            if missing:
-                raise ValueError(
-                    f"MODEL.WEIGHTS did not provide {len(missing)} backbone tensor(s) of this model, e.g. "
-                    f"{missing[:8]}; the weights do not fit the config (MODEL.RESNETS.DEPTH, C4 vs FPN). "
-                    "Convert matching weights with tools/convert_to_d2.py, or set MODEL.WEIGHTS \"\" to "
-                    "train from scratch on purpose")
+        missing = [k for k in incompatible.missing_keys
+                   if _TRUNK_KEY.match(k) and not k.endswith("num_batches_tracked")]
+        if missing:
+            raise UserError(missing_backbone_message(len(missing), missing[:8], file_keys))
         return incompatible
+
+
+def missing_backbone_message(n_missing, first_missing, file_keys):
+    """Why weights that leave backbone tensors unfilled are refused, and the fix (both engines)."""
+    tv_names = [k for k in file_keys if re.match(r"^(module\.)?(conv1|bn1|layer[1-4])\.", k)]
+    hint = (" It holds torchvision names (e.g. " + ", ".join(tv_names[:3]) + "): convert it with "
+            "tools/convert_to_d2.py INPUT OUTPUT.pkl and set MODEL.WEIGHTS to the .pkl." if tv_names else
+            " Convert weights that match the config (MODEL.RESNETS.DEPTH, C4 vs FPN) with tools/convert_to_d2.py.")
+    return (f"MODEL.WEIGHTS did not provide {n_missing} backbone tensor(s) of this model, e.g. {first_missing}; "
+            "training would start them from random init." + hint +
+            " Set MODEL.WEIGHTS \"\" to train from scratch on purpose")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -223,7 +236,8 @@ class TransferEvaluator(DatasetEvaluator):
             for part in parts:
                 predictions.update(part)
         res = evaluate(self._meta, predictions)
-        bbox = {k: float(v) for k, v in res.items() if not isinstance(v, dict)}
+        # detectron2's EvalHook takes numbers only: excluded_classes (names) stays in the log
+        bbox = {k: float(v) for k, v in res.items() if not isinstance(v, (dict, list))}
         for cls, ap in res.get("per_class_AP50", {}).items():
             bbox[f"AP50-{cls}"] = float(ap)
         return {"bbox": bbox}
@@ -282,12 +296,21 @@ class Trainer(DefaultTrainer):
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         return TransferEvaluator(dataset_name)
 
+    @staticmethod
+    def precise_bn_batches(cfg):
+        """Batches detectron2's PreciseBN hook draws in a run from iteration 0: NUM_ITER at every
+        evaluation, i.e. after each multiple of TEST.EVAL_PERIOD (none when it is 0) and after
+        the last iteration (a resumed run evaluates, and draws, less)."""
+        period, max_iter = cfg.TEST.EVAL_PERIOD, cfg.SOLVER.MAX_ITER
+        evals = max_iter // period + (max_iter % period != 0) if period > 0 else 1
+        return cfg.TEST.PRECISE_BN.NUM_ITER * evals
+
     def build_train_loader(self, cfg):
         # an instance method here (DefaultTrainer calls it on self): the stream needs the trainer's seed
         if getattr(self, "_building_hooks", False):
-            # PreciseBN's loader: its own stream, long enough for every evaluation's NUM_ITER batches
-            n = cfg.TEST.PRECISE_BN.NUM_ITER * (cfg.SOLVER.MAX_ITER // max(cfg.TEST.EVAL_PERIOD, 1) + 1)
-            return TrainStream(cfg, lambda: self.loader_seed + 7919, 0, n)
+            # PreciseBN's loader: its own stream, as long as the hook consumes (a batch depends only
+            # on its index, so the length changes no batch)
+            return TrainStream(cfg, lambda: self.loader_seed + 7919, 0, self.precise_bn_batches(cfg))
         return TrainStream(cfg, lambda: self.loader_seed, 0, cfg.SOLVER.MAX_ITER)
 
     def resume_or_load(self, resume=True):
@@ -301,9 +324,7 @@ class Trainer(DefaultTrainer):
         ret = super().state_dict()
         ret["_trainer"] = self._trainer.state_dict()  # optimizer (+ AMP scaler): detectron2 0.6 omits it
         ret["loader_seed"] = int(self.loader_seed)
-        ret["rng"] = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            ret["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+        ret["rng"] = rng_state()
         return ret
 
     def load_state_dict(self, state):
@@ -313,10 +334,12 @@ class Trainer(DefaultTrainer):
         if "loader_seed" in state:
             self.loader_seed = int(state["loader_seed"])
         rng = state.get("rng") or {}
-        if "torch" in rng:
+        if "numpy" in rng:
+            set_rng_state(rng)
+        elif "torch" in rng:  # a checkpoint written before cocord_common.rng: torch (+ CUDA) only
             torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
 
     def build_hooks(self):
         # swap in our checkpointer before the PeriodicCheckpointer hook captures it
@@ -349,39 +372,23 @@ def flatten_results(results, iteration):
 
 
 def _append_metrics_line(output_dir, line):
-    with open(os.path.join(output_dir, "metrics.json"), "a") as f:
-        f.write(json.dumps(line, sort_keys=True) + "\n")
-
-
-def _last_eval_line(output_dir):
-    path = os.path.join(output_dir, "metrics.json")
-    last = None
-    if os.path.isfile(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    d = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if any(k.endswith("bbox/AP") for k in d):
-                    last = d
-    return last
+    # keys sorted, as detectron2's own JSONWriter writes metrics.json
+    append_jsonl(os.path.join(output_dir, METRICS_FILE), dict(sorted(line.items())))
 
 
 def _reset_loggers():
+    """Close the handlers detectron2's setup_logger attached, and forget its cache, so that a second
+    run in this process (--trials) does not duplicate every log line."""
     for name in ("detectron2", "fvcore", "transfer"):
-        lg = logging.getLogger(name)
-        for h in list(lg.handlers):
-            lg.removeHandler(h)
-            h.close()
+        close_logging(name)
     if hasattr(setup_logger, "cache_clear"):
         setup_logger.cache_clear()
 
 
-def setup(cfg_path, opts, args):
-    """Frozen detectron2 config, plus what detectron2's default_setup does (logger with log.txt,
-    environment info, seed SEED + rank, config.yaml) and dataset registration."""
-    cfg = load_d2_config(cfg_path, opts)
+def setup(cfg, args):
+    """Frozen copy of the detectron2 config `cfg`, plus what detectron2's default_setup does (logger
+    with log.txt, environment info, seed SEED + rank, config.yaml) and dataset registration."""
+    cfg = cfg.clone()
     check_runtime(cfg)
     cfg.freeze()
     out, rank = cfg.OUTPUT_DIR, comm.get_rank()
@@ -398,8 +405,8 @@ def setup(cfg_path, opts, args):
         log.info(f"Environment info unavailable ({e}); torch {torch.__version__}")
     log.info(f"Command line arguments: {args}")
     log.info(f"Running with full config:\n{cfg.dump()}")
-    if comm.is_main_process():
-        write_text_atomic(os.path.join(out, "config.yaml"), cfg.dump())
+    if comm.is_main_process():  # what a run killed mid-write left; config.yaml is written once the run can start
+        remove_orphan_temp_files(out, log.info)
     seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + rank)
     if not getattr(args, "eval_only", False):
         torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
@@ -407,12 +414,18 @@ def setup(cfg_path, opts, args):
     return cfg
 
 
-def _main(cfg_path, opts, args):
-    cfg = setup(cfg_path, opts, args)
+def _write_config(cfg):
+    if comm.is_main_process():
+        write_text_atomic(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), cfg.dump())
+
+
+def _main(cfg, args):
+    cfg = setup(cfg, args)
     if getattr(args, "eval_only", False):
         model = Trainer.build_model(cfg)
         ckpt = Checkpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=getattr(args, "resume", False))
+        _write_config(cfg)
         iteration = ckpt.get("iteration", -1) if isinstance(ckpt, dict) else -1
         res = Trainer.test(cfg, model)
         line = flatten_results(res, iteration + 1 if iteration >= 0 else -1)  # -1: weights without an iteration
@@ -421,41 +434,65 @@ def _main(cfg_path, opts, args):
         return line
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=getattr(args, "resume", False))
+    _write_config(cfg)  # only now: the weights loaded, so this folder's config describes its model
     res = trainer.train()
     return flatten_results(res, trainer.iter) if res else {"iteration": int(trainer.iter)}
 
 
-def run(cfg_path, opts, args):
-    """Train (or evaluate with args.eval_only) with detectron2; returns the final metrics as written to
-    metrics.json: {"bbox/AP", "bbox/AP50", "bbox/AP75", ..., "iteration"}.
+def check_weights_file(cfg, resume):
+    """MODEL.WEIGHTS must be a file unless it is "" or --resume continues a checkpoint of OUTPUT_DIR
+    (detectron2 would fail later with a bare AssertionError)."""
+    path = cfg.MODEL.WEIGHTS
+    if not path or "://" in path or (resume and last_checkpoint(cfg.OUTPUT_DIR)):  # URLs: detectron2 fetches them
+        return
+    if os.path.isdir(path):
+        raise UserError(f"config MODEL.WEIGHTS = {path!r} is a folder; give the weights file inside it")
+    if not os.path.isfile(path):
+        raise UserError(f"config MODEL.WEIGHTS = {path!r} does not exist; give a .pkl written by "
+                        "tools/convert_to_d2.py, a model_*.pth of this engine, or \"\" for random init")
+
+
+def _check_processes(cfg, num_gpus, num_machines, dist_url):
+    """Refuse process layouts detectron2 0.6 cannot run, before anything starts."""
+    started_outside = int(os.environ.get("WORLD_SIZE", "1")) > 1 or (
+        torch.distributed.is_available() and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1)
+    if started_outside:
+        raise RuntimeError(
+            "the detectron2 engine starts its processes itself (detectron2.engine.launch, which also "
+            "creates detectron2's per-machine process group): run transfer/train_net.py --num-gpus N "
+            "without torchrun, or use --engine torchvision under torchrun")
+    if num_gpus * num_machines > 1 and not str(cfg.MODEL.DEVICE).startswith("cuda"):
+        raise ValueError(
+            f"--num-gpus {num_gpus} x --num-machines {num_machines} with MODEL.DEVICE "
+            f"{cfg.MODEL.DEVICE!r}: detectron2 runs several processes on GPUs only (NCCL); use "
+            "--engine torchvision for several CPU processes, or --num-gpus 1")
+    if num_machines > 1 and dist_url == "auto":
+        raise ValueError("--dist-url is required with --num-machines > 1 (e.g. tcp://host:port)")
+
+
+def run(cfg, args):
+    """Train (or evaluate with args.eval_only) with detectron2 per the config `cfg` (load_d2_config's);
+    returns the final metrics as written to metrics.json: {"bbox/AP", "bbox/AP50", "bbox/AP75", ...,
+    "iteration"}.
 
     `args` carries resume / eval_only and detectron2's launcher flags (num_gpus, num_machines,
-    machine_rank, dist_url). When the caller already started the processes (transfer/train_net.py's
-    launcher initialises torch.distributed), this runs in the current process; otherwise several GPUs
-    are started with detectron2's `launch`. The config is loaded and the datasets checked first, so bad
-    inputs are reported before any worker starts or any model is built."""
-    cfg = load_d2_config(cfg_path, opts)
+    machine_rank, dist_url): one process runs here, several are started by detectron2's `launch`.
+    Runtime settings and dataset files are checked first, so bad inputs are reported before any
+    worker starts or any model is built."""
     check_runtime(cfg)
+    check_weights_file(cfg, getattr(args, "resume", False))
     for name in dataset_names(cfg):
         tdata.check_dataset_files(name, cfg)
+    for name in cfg.DATASETS.TEST:  # read only after training: a bad file must be found before it
+        tdata.check_images(name, cfg)
     num_gpus = int(getattr(args, "num_gpus", 1) or 1)
     num_machines = int(getattr(args, "num_machines", 1) or 1)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        _ensure_local_group(num_gpus, num_machines, int(getattr(args, "machine_rank", 0)))
-        return _main(cfg_path, opts, args)
+    dist_url = getattr(args, "dist_url", "auto")
+    _check_processes(cfg, num_gpus, num_machines, dist_url)
     if num_gpus * num_machines == 1:
-        return _main(cfg_path, opts, args)
+        return _main(cfg, args)
     launch(_main, num_gpus, num_machines=num_machines, machine_rank=int(getattr(args, "machine_rank", 0)),
-           dist_url=getattr(args, "dist_url", "auto"), args=(cfg_path, list(opts), args))
+           dist_url=dist_url, args=(cfg, args))
     # worker return values do not cross process boundaries: read the eval line back
-    return _last_eval_line(cfg.OUTPUT_DIR) or {}
-
-
-def _ensure_local_group(num_gpus, num_machines, machine_rank):
-    """detectron2's comm needs the per-machine process group its own launcher creates."""
-    if comm._LOCAL_PROCESS_GROUP is not None:
-        return
-    for i in range(num_machines):
-        group = torch.distributed.new_group(list(range(i * num_gpus, (i + 1) * num_gpus)))
-        if i == machine_rank:
-            comm._LOCAL_PROCESS_GROUP = group
+    return final_eval_line(os.path.join(cfg.OUTPUT_DIR, METRICS_FILE), on_torn="skip") or {}

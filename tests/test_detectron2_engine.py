@@ -1,4 +1,4 @@
-"""transfer/d2_engine.py with the detectron2 CPU test build (skipped without detectron2): MoCo's R50-C4
+"""transfer/detectron2_engine.py with the detectron2 CPU test build (skipped without detectron2): MoCo's R50-C4
 config (configs/voc_r50.yaml, shrunk by KEY VALUE opts) trains and evaluates a few iterations on a VOC
 folder the test writes; exact resume; --eval-only; converted weights; bad inputs."""
 import argparse
@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from synthetic_shapes import SHAPES, write_shapes
+from cocord_common.errors import UserError
+from cocord_pipeline.synthetic_shapes import SHAPES, write_shapes
 
 pytest.importorskip("detectron2")
 pytestmark = pytest.mark.detectron2
 
-from transfer import d2_engine  # noqa: E402
+from transfer import detectron2_engine  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "voc_r50.yaml")
@@ -52,6 +53,11 @@ def args(**kw):
     return argparse.Namespace(**base)
 
 
+def run_d2(config_file, opts, a):
+    """train_net's path: the engine's config loader, then the engine."""
+    return detectron2_engine.run(detectron2_engine.load_d2_config(config_file, opts), a)
+
+
 def metrics_lines(out):
     return [json.loads(x) for x in (out / "metrics.json").read_text().splitlines() if x.strip()]
 
@@ -62,7 +68,7 @@ def trained(tmp_path_factory):
     base = tmp_path_factory.mktemp("d2")
     voc = write_shapes(base / "voc", n_train=6, n_test=2)
     out = base / "run_a"
-    res = d2_engine.run(CONFIG, tiny_opts(voc, out), args())
+    res = run_d2(CONFIG, tiny_opts(voc, out), args())
     return voc, out, res
 
 
@@ -97,7 +103,7 @@ def test_resume_is_exact(trained, tmp_path):
     out_b.mkdir()
     shutil.copy(out_a / "model_0000001.pth", out_b / "model_0000001.pth")
     (out_b / "last_checkpoint").write_text("model_0000001.pth")
-    d2_engine.run(CONFIG, tiny_opts(voc, out_b), args(resume=True))
+    run_d2(CONFIG, tiny_opts(voc, out_b), args(resume=True))
     log = (out_b / "log.txt").read_text()
     assert "Starting training from iteration 2" in log
     a = torch.load(out_a / "model_final.pth", map_location="cpu", weights_only=True)["model"]
@@ -111,7 +117,7 @@ def test_resume_is_exact(trained, tmp_path):
 def test_eval_only_reproduces_the_final_evaluation(trained, tmp_path):
     voc, out_a, res_a = trained
     out_c = tmp_path / "eval"
-    res = d2_engine.run(CONFIG, tiny_opts(voc, out_c, **{"MODEL.WEIGHTS": str(out_a / "model_final.pth")}),
+    res = run_d2(CONFIG, tiny_opts(voc, out_c, **{"MODEL.WEIGHTS": str(out_a / "model_final.pth")}),
                         args(eval_only=True))
     for k in ("bbox/AP", "bbox/AP50", "bbox/AP75"):
         assert res[k] == pytest.approx(res_a[k], abs=1e-9)
@@ -129,9 +135,9 @@ def test_converted_backbone_loads_into_the_c4_model(tmp_path):
     tv = torchvision.models.resnet50()
     pkl = tmp_path / "r50.pkl"
     save_d2_file(torchvision_to_d2(tv.state_dict()).model, pkl)
-    cfg = d2_engine.load_d2_config(CONFIG, tiny_opts(voc, tmp_path / "o"))
+    cfg = detectron2_engine.load_d2_config(CONFIG, tiny_opts(voc, tmp_path / "o"))
     model = build_model(cfg)
-    d2_engine.Checkpointer(model).load(str(pkl))
+    detectron2_engine.Checkpointer(model).load(str(pkl))
     assert torch.equal(model.backbone.stem.conv1.weight, tv.conv1.weight)
     assert torch.equal(model.backbone.res4[5].conv3.norm.running_var, tv.layer3[5].bn3.running_var)
     assert torch.equal(model.roi_heads.res5[2].conv2.weight, tv.layer4[2].conv2.weight)
@@ -140,27 +146,47 @@ def test_converted_backbone_loads_into_the_c4_model(tmp_path):
     r18 = tmp_path / "r18.pkl"
     save_d2_file(torchvision_to_d2(torchvision.models.resnet18().state_dict()).model, r18)
     with pytest.raises((ValueError, RuntimeError), match="backbone|shape"):
-        d2_engine.Checkpointer(build_model(cfg)).load(str(r18))
+        detectron2_engine.Checkpointer(build_model(cfg)).load(str(r18))
 
 
 def test_bad_inputs_are_reported_before_building_anything(tmp_path):
     voc = write_shapes(tmp_path / "voc", n_train=1, n_test=1)
     out = tmp_path / "o"
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        d2_engine.run(CONFIG, tiny_opts(voc, out, **{"DATASETS.REGISTER.shapes_test.ROOT": str(tmp_path / "nowhere")}),
-                      args())
+        run_d2(CONFIG, tiny_opts(voc, out, **{"DATASETS.REGISTER.shapes_test.ROOT": str(tmp_path / "nowhere")}),
+               args())
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"_BASE_: {CONFIG}\nMODEL:\n  RESNET:\n    DEPTH: 50\n")
     with pytest.raises(KeyError, match="RESNET"):
-        d2_engine.run(str(bad), tiny_opts(voc, out), args())
+        run_d2(str(bad), tiny_opts(voc, out), args())
     with pytest.raises(KeyError, match="FOLDER"):
-        d2_engine.run(CONFIG, tiny_opts(voc, out, **{"DATASETS.REGISTER.shapes_train.FOLDER": "x"}), args())
+        run_d2(CONFIG, tiny_opts(voc, out, **{"DATASETS.REGISTER.shapes_train.FOLDER": "x"}), args())
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="MODEL.DEVICE cpu"):
-            d2_engine.run(CONFIG, tiny_opts(voc, out, **{"MODEL.DEVICE": "cuda"}), args())
+        with pytest.raises(UserError, match="MODEL.DEVICE cpu"):
+            run_d2(CONFIG, tiny_opts(voc, out, **{"MODEL.DEVICE": "cuda"}), args())
     with pytest.raises(ValueError, match="SOLVER.STEPS"):
-        d2_engine.run(CONFIG, tiny_opts(voc, out, **{"SOLVER.STEPS": "(3,)"}), args())
+        run_d2(CONFIG, tiny_opts(voc, out, **{"SOLVER.STEPS": "(3,)"}), args())
     assert not (out / "model_final.pth").exists()
+
+
+def test_process_layouts_detectron2_cannot_run_are_refused(tmp_path, monkeypatch):
+    """detectron2 0.6 starts several processes on GPUs only, with its own launcher (which creates its
+    per-machine process group): CPU multi-process runs and torchrun-started processes are refused."""
+    voc = write_shapes(tmp_path / "voc", n_train=1, n_test=1)
+    out = tmp_path / "o"
+    with pytest.raises(ValueError, match="--num-gpus 2 .*GPUs only.*--engine torchvision"):
+        run_d2(CONFIG, tiny_opts(voc, out), args(num_gpus=2))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="without torchrun"):
+        run_d2(CONFIG, tiny_opts(voc, out), args())
+    assert not out.exists()
+
+
+def test_register_keys_are_checked_in_the_file(tmp_path):
+    cfg = tmp_path / "reg.yaml"
+    cfg.write_text(f"_BASE_: {CONFIG}\nDATASETS:\n  REGISTER:\n    x:\n      PATH: /data\n")
+    with pytest.raises(KeyError, match=r"reg\.yaml: unknown config key 'DATASETS.REGISTER.x.PATH'"):
+        detectron2_engine.load_d2_config(str(cfg))
 
 
 def test_converted_r18_loads_into_the_cpu_fpn_config(tmp_path):
@@ -172,8 +198,8 @@ def test_converted_r18_loads_into_the_cpu_fpn_config(tmp_path):
     tv = torchvision.models.resnet18()
     pkl = tmp_path / "r18.pkl"
     save_d2_file(torchvision_to_d2(tv.state_dict()).model, pkl)
-    cfg = d2_engine.load_d2_config(str(REPO / "configs" / "cpu" / "voc_bccd_r18_fpn.yaml"), ["MODEL.DEVICE", "cpu"])
+    cfg = detectron2_engine.load_d2_config(str(REPO / "configs" / "cpu" / "voc_bccd_r18_fpn.yaml"), ["MODEL.DEVICE", "cpu"])
     model = build_model(cfg)
-    d2_engine.Checkpointer(model).load(str(pkl))
+    detectron2_engine.Checkpointer(model).load(str(pkl))
     assert torch.equal(model.backbone.bottom_up.stem.conv1.weight, tv.conv1.weight)
     assert torch.equal(model.backbone.bottom_up.res5[1].conv2.weight, tv.layer4[1].conv2.weight)

@@ -9,15 +9,15 @@ atomically with `last_checkpoint` via cocord_common/checkpoint.py), eval (every 
 end), metrics (every 20 iterations: metrics.json line, log.txt, TensorBoard).
 
 Exact resume: a checkpoint holds model, optimizer (with each group's base lr), AMP scaler, the seed and
-torch RNG states; the data stream is a pure function of (seed, iteration) (transfer/data.py) and the
-loaders use private generators, so a resumed run replays the uninterrupted run's iterations.
+every RNG state (cocord_common.rng: torch, CUDA, numpy, Python); the data stream is a pure function of
+(seed, iteration) (transfer/data.py) and the loaders use private generators, so a resumed run replays
+the uninterrupted run's iterations.
 """
 import bisect
 import json
 import logging
 import math
 import os
-import random
 import sys
 import time
 from collections import OrderedDict, defaultdict
@@ -27,47 +27,32 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from cocord_common.checkpoint import last_checkpoint, load_checkpoint, save_checkpoint, write_text_atomic
+from cocord_common import log as common_log
+from cocord_common.checkpoint import (last_checkpoint, load_checkpoint, remove_orphan_temp_files, save_checkpoint,
+                                      write_text_atomic)
+from cocord_common.errors import UserError
+from cocord_common.dist import all_gather_object, get_rank, get_world_size
+from cocord_common.metrics import append_jsonl
+from cocord_common.rng import rng_state, seed_all, set_rng_state
 from transfer import data as tdata
+from transfer.d2_format import load_d2_file
 from transfer.modeling import build_model
 
 logger = logging.getLogger("transfer")
 WRITE_PERIOD = 20  # detectron2's default writer period
+LOG_FORMAT = "[%(asctime)s %(name)s]: %(message)s"
+METRICS_FILE = "metrics.json"  # detectron2's name: JSON lines
 
 
 # ----------------------------------------------------------------------------------------------
 # process helpers
 
 
-def rank():
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def world_size():
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def setup_logging(output_dir):
     """`transfer` logger -> stdout (rank 0) and OUTPUT_DIR/log.txt (log.txt.rank{r} for others)."""
-    os.makedirs(output_dir, exist_ok=True)
-    log = logging.getLogger("transfer")
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    for h in list(log.handlers):
-        log.removeHandler(h)
-        h.close()
-    fmt = logging.Formatter("[%(asctime)s %(name)s]: %(message)s", "%m/%d %H:%M:%S")
-    r = rank()
-    fh = logging.FileHandler(os.path.join(output_dir, "log.txt" if r == 0 else f"log.txt.rank{r}"))
-    fh.setFormatter(fmt)
-    log.addHandler(fh)
-    if r == 0:
-        sh = logging.StreamHandler(sys.stdout)
-        sh.setFormatter(fmt)
-        log.addHandler(sh)
+    log = common_log.setup_logging("transfer", output_dir, get_rank(), fmt=LOG_FORMAT)
     for name in ("transfer.data", "transfer.backbone", "transfer.evaluation", "transfer.d2_format"):
-        sub = logging.getLogger(name)
-        sub.setLevel(logging.INFO)
+        logging.getLogger(name).setLevel(logging.INFO)
     return log
 
 
@@ -76,7 +61,7 @@ def resolve_device(cfg):
     if dev.startswith("cuda"):
         if not torch.cuda.is_available():
             raise RuntimeError(f"config MODEL.DEVICE is '{dev}' but CUDA is not available; pass MODEL.DEVICE cpu")
-        if world_size() > 1:
+        if get_world_size() > 1:
             return torch.device("cuda", torch.cuda.current_device())
     return torch.device(dev)
 
@@ -92,6 +77,8 @@ def prepare_datasets(cfg):
     if not names:
         raise ValueError("config DATASETS.TRAIN and DATASETS.TEST are both empty")
     metas = OrderedDict((n, tdata.check_dataset_files(n, cfg)) for n in names)
+    for n in cfg.DATASETS.TEST:  # read only after training: a bad file must be found before it
+        tdata.check_images(n, cfg)
     ref_name = names[0]
     ref = metas[ref_name]["thing_classes"]
     for n, m in metas.items():
@@ -192,9 +179,8 @@ def inference(model, loader, device):
             preds[x["image_id"]] = {k: v.cpu().numpy() for k, v in out.items()}
             n += 1
     model.train(was_training)
-    if world_size() > 1:
-        parts = [None] * world_size()
-        dist.all_gather_object(parts, preds)
+    if get_world_size() > 1:
+        parts = all_gather_object(preds)
         preds = OrderedDict()
         for p in parts:
             preds.update(p)
@@ -209,18 +195,20 @@ def evaluate_all(cfg, model, metas, device):
     flat = OrderedDict()
     for name in cfg.DATASETS.TEST:
         dicts = tdata.get_dataset_dicts(name, cfg)
-        loader = tdata.build_test_loader(cfg, dicts, rank(), world_size())
+        loader = tdata.build_test_loader(cfg, dicts, get_rank(), get_world_size())
         inner = model.module if hasattr(model, "module") else model
         preds, sec = inference(inner, loader, device)
         logger.info(f"inference on {name}: {len(preds)} images, {sec:.4f} s / image")
-        res = evaluate(metas[name], preds) if rank() == 0 else {}
-        if rank() == 0:
+        res = evaluate(metas[name], preds) if get_rank() == 0 else {}
+        if get_rank() == 0:
             logger.info(f"evaluation of {name}: " + json.dumps({k: v for k, v in res.items()}, default=float))
         prefix = "" if len(cfg.DATASETS.TEST) == 1 else f"{name}/"
         for k, v in res.items():
             if isinstance(v, (int, float)):
                 flat[f"{prefix}bbox/{k}"] = float(v)
-    if world_size() > 1:
+            elif k == "excluded_classes":  # names, not a number: metrics.json only, never TensorBoard
+                flat[f"{prefix}bbox/{k}"] = list(v)
+    if get_world_size() > 1:
         box = [flat]
         dist.broadcast_object_list(box, src=0)
         flat = box[0]
@@ -254,26 +242,14 @@ class Trainer:
         ckpt = load_checkpoint(self.resume_path) if self.resume_path else None
         if ckpt is not None:
             self.seed = int(ckpt["seed"])
-        _seed_all(self.seed + rank())
+        seed_all(self.seed + get_rank())
 
-        weights = None
-        if ckpt is None and cfg.MODEL.WEIGHTS.endswith(".pkl"):
-            from transfer.d2_format import load_d2_file
-            weights = load_d2_file(cfg.MODEL.WEIGHTS)
-            logger.info(f"initialising the ResNet from {cfg.MODEL.WEIGHTS}")
-        elif ckpt is None and cfg.MODEL.WEIGHTS and not cfg.MODEL.WEIGHTS.endswith(".pth"):
-            raise ValueError(f"config MODEL.WEIGHTS = {cfg.MODEL.WEIGHTS!r}: expected a detectron2 '.pkl' backbone "
-                             f"(tools/convert_to_d2.py) or a '.pth' written by this engine, or '' for random init")
-        elif ckpt is None and not cfg.MODEL.WEIGHTS:
-            logger.info("MODEL.WEIGHTS is empty: training from random initialisation")
-        self.model = build_model(cfg, weights, logger).to(self.device)
-        if ckpt is None and cfg.MODEL.WEIGHTS.endswith(".pth"):
-            state = load_checkpoint(cfg.MODEL.WEIGHTS)
-            if "model" not in state:
-                raise ValueError(f"{cfg.MODEL.WEIGHTS}: no 'model' entry; expected a checkpoint of this engine")
-            self.model.load_state_dict(state["model"])
-            logger.info(f"loaded the full detector from {cfg.MODEL.WEIGHTS}")
-        if world_size() > 1 and cfg.MODEL.RESNETS.NORM == "SyncBN" and self.device.type != "cuda":
+        if ckpt is None:
+            self.model, _ = build_detector(cfg, cfg.MODEL.WEIGHTS)
+        else:  # the checkpoint's weights replace these below
+            self.model = build_model(cfg, None, logger)
+        self.model.to(self.device)
+        if get_world_size() > 1 and cfg.MODEL.RESNETS.NORM == "SyncBN" and self.device.type != "cuda":
             raise ValueError("MODEL.RESNETS.NORM SyncBN across processes needs CUDA; use BN on CPU")
         self.optimizer = build_optimizer(cfg, self.model)
         self.amp = amp_dtype(cfg, self.device)
@@ -284,10 +260,10 @@ class Trainer:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scaler.load_state_dict(ckpt["scaler"])
             self.start_iter = int(ckpt["iteration"]) + 1
-            _set_rng(ckpt["rng"])
+            restore_rng(ckpt["rng"])
             logger.info(f"resumed from {self.resume_path} at iteration {self.start_iter}")
         self.ddp = self.model
-        if world_size() > 1:
+        if get_world_size() > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
         self.tb = None
@@ -295,10 +271,9 @@ class Trainer:
 
     # -- io
     def _write_metrics(self, record):
-        if rank() != 0:
+        if get_rank() != 0:
             return
-        with open(os.path.join(self.out, "metrics.json"), "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, default=float) + "\n")
+        append_jsonl(os.path.join(self.out, METRICS_FILE), record)
         if self.tb is None:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(self.out)
@@ -308,10 +283,10 @@ class Trainer:
         self.tb.flush()
 
     def save(self, name, it):
-        if rank() != 0:
+        if get_rank() != 0:
             return
         obj = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-               "scaler": self.scaler.state_dict(), "iteration": it, "seed": self.seed, "rng": _get_rng()}
+               "scaler": self.scaler.state_dict(), "iteration": it, "seed": self.seed, "rng": rng_state()}
         save_checkpoint(obj, self.out, name)
         logger.info(f"saved {os.path.join(self.out, name)}")
 
@@ -325,7 +300,7 @@ class Trainer:
             return
         # its own deterministic stream, so it neither shifts the training stream nor depends on workers
         loader = tdata.build_train_loader(self.cfg, self.train_dicts, self.seed + 7919 * (it + 1), 0, p.NUM_ITER,
-                                          rank(), world_size(), num_workers=0)
+                                          get_rank(), get_world_size(), num_workers=0)
         logger.info(f"PreciseBN: recomputing BN statistics over {p.NUM_ITER} batches")
         update_bn_stats(self.ddp, iter(loader), p.NUM_ITER)
 
@@ -346,9 +321,9 @@ class Trainer:
             logger.info(f"nothing to train: checkpoint iteration {self.start_iter - 1} >= MAX_ITER {max_iter}")
             return self.test(max_iter - 1)
         loader = tdata.build_train_loader(cfg, self.train_dicts, self.seed, self.start_iter, max_iter,
-                                          rank(), world_size())
+                                          get_rank(), get_world_size())
         logger.info(f"training iterations {self.start_iter}..{max_iter - 1}, {len(self.train_dicts)} images, "
-                    f"{s.IMS_PER_BATCH} per batch over {world_size()} process(es)")
+                    f"{s.IMS_PER_BATCH} per batch over {get_world_size()} process(es)")
         self.ddp.train()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         results, window = {}, defaultdict(list)
@@ -406,28 +381,75 @@ class Trainer:
         logger.info(f"training took {time.perf_counter() - t_start:.1f}s")
         if self.tb is not None:
             self.tb.close()
-        if results and rank() == 0:
+        if results and get_rank() == 0:
             verify_results(cfg, results)
         return results
 
 
-def _seed_all(seed):
-    random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
-    torch.manual_seed(seed)
-
-
-def _get_rng():
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng(state):
+def restore_rng(state):
+    """Restore a checkpoint's "rng" entry: cocord_common.rng's states, or the torch (+ CUDA) states
+    that checkpoints written before it hold."""
+    if "numpy" in state:
+        set_rng_state(state)
+        return
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------
+# weights
+
+
+def load_weights(path):
+    """(backbone, checkpoint) of a weights file: a detectron2-format dict for a backbone `.pkl`
+    (tools/convert_to_d2.py), or the dict of a `.pth` this engine wrote (holding 'model');
+    (None, None) for '' (random initialisation)."""
+    if not path:
+        return None, None
+    if not path.endswith((".pkl", ".pth")):
+        raise UserError(f"config MODEL.WEIGHTS = {path!r}: expected a detectron2 '.pkl' backbone "
+                        f"(tools/convert_to_d2.py) or a '.pth' written by this engine, or '' for random init")
+    if not os.path.isfile(path):
+        raise UserError(f"config MODEL.WEIGHTS = {path!r} " + ("is a folder; give the weights file inside it"
+                        if os.path.isdir(path) else "does not exist; give a .pkl written by tools/convert_to_d2.py, "
+                        "a model_*.pth of this engine, or \"\" for random init"))
+    if path.endswith(".pkl"):
+        return load_d2_file(path), None
+    state = load_checkpoint(path)
+    if not isinstance(state, dict) or "model" not in state:
+        keys = list(state)[:3] if isinstance(state, dict) else []
+        raise UserError(f"config MODEL.WEIGHTS = {path!r} is not a checkpoint of this engine (no 'model' entry"
+                        + (f"; keys {keys}" if keys else "") + "). A backbone (e.g. a torchvision or distillation "
+                        ".pth) must be converted first: tools/convert_to_d2.py INPUT OUTPUT.pkl, then set "
+                        "MODEL.WEIGHTS to the .pkl")
+    return None, state
+
+
+def build_detector(cfg, path, eval_only=False):
+    """(detector of `cfg` initialised from the weights file `path`, the file's checkpoint dict or
+    None). Training logs what it starts from; --eval-only warns about random heads."""
+    backbone, state = load_weights(path)
+    if backbone is not None:
+        if eval_only:
+            logger.warning(f"--eval-only with backbone-only weights {path}: the detector heads are random")
+        else:
+            logger.info(f"initialising the ResNet from {path}")
+    elif state is None:
+        logger.info("MODEL.WEIGHTS is empty: training from random initialisation")
+    try:
+        model = build_model(cfg, backbone, logger)
+    except ValueError as e:  # weights that leave backbone tensors unfilled, or of the wrong shape
+        if backbone is None:
+            raise
+        raise UserError(f"config MODEL.WEIGHTS = {path!r}: {e}. Training would start those tensors from random "
+                        "init; convert weights that match the config (MODEL.RESNETS.DEPTH) with "
+                        "tools/convert_to_d2.py, or set MODEL.WEIGHTS \"\" to train from scratch on purpose") from e
+    if state is not None:
+        model.load_state_dict(state["model"])
+        if not eval_only:
+            logger.info(f"loaded the full detector from {path}")
+    return model, state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -435,18 +457,20 @@ def _set_rng(state):
 
 
 def write_config(cfg):
-    if rank() == 0:
+    if get_rank() == 0:
         write_text_atomic(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), cfg.dump())
 
 
 def run(cfg, args):
     """Train (or evaluate with --eval-only) per `cfg` in this process; returns the final metrics."""
     setup_logging(cfg.OUTPUT_DIR)
-    logger.info(f"engine: torchvision; process {rank()}/{world_size()}; command line: {' '.join(sys.argv)}")
-    write_config(cfg)
+    logger.info(f"engine: torchvision; process {get_rank()}/{get_world_size()}; command line: {' '.join(sys.argv)}")
+    if get_rank() == 0:  # what a run killed mid-write left
+        remove_orphan_temp_files(cfg.OUTPUT_DIR, logger.info)
     if args.eval_only:
         return eval_only(cfg, args.resume)
     trainer = Trainer(cfg, resume=args.resume)
+    write_config(cfg)  # only now: data and weights are loaded, so this folder's config describes its model
     return trainer.train()
 
 
@@ -458,22 +482,13 @@ def eval_only(cfg, resume):
     if not path:
         raise ValueError("--eval-only needs MODEL.WEIGHTS (a model_*.pth of this engine) or --resume with a "
                          f"checkpoint in {cfg.OUTPUT_DIR}")
-    if path.endswith(".pkl"):
-        from transfer.d2_format import load_d2_file
-        logger.warning(f"--eval-only with backbone-only weights {path}: the detector heads are random")
-        model = build_model(cfg, load_d2_file(path), logger)
-    else:
-        state = load_checkpoint(path)
-        if "model" not in state:
-            raise ValueError(f"{path}: no 'model' entry; expected a checkpoint of this engine")
-        model = build_model(cfg)
-        model.load_state_dict(state["model"])
+    model, state = build_detector(cfg, path, eval_only=True)
+    write_config(cfg)
     logger.info(f"evaluating {path}")
     model.to(device)
     res = evaluate_all(cfg, model, metas, device)
-    if res and rank() == 0:
-        with open(os.path.join(cfg.OUTPUT_DIR, "metrics.json"), "a", encoding="utf-8") as f:
-            f.write(json.dumps({"iteration": int(state.get("iteration", -1)) if not path.endswith(".pkl") else -1,
-                                **res}) + "\n")
+    if res and get_rank() == 0:
+        iteration = int(state.get("iteration", -1)) if state is not None else -1
+        append_jsonl(os.path.join(cfg.OUTPUT_DIR, METRICS_FILE), {"iteration": iteration, **res})
         verify_results(cfg, res)
     return res

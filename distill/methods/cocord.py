@@ -2,7 +2,7 @@
 
 Networks (the authors' released settings):
   teacher   frozen backbone, eval mode, no grad (held outside the module registry, see methods/base.py)
-  student   backbone + classifier (torchvision ResNet incl. fc), trained
+  student   backbone + classifier (torchvision ResNet incl. fc, or a CIFAR zoo model), trained
   proj_s    Linear(d_s, H) -> BN1d -> ReLU -> Linear(H, P), trained          (H = P = 2048)
   predictor Linear(P, R) -> BN1d -> ReLU -> Linear(R, P), trained            (R = 512)
   proj_t    teacher projection head: a copy of proj_s, EMA of it (m = 0.999). When d_t != d_s it cannot
@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from distill.methods.base import Method, fp32, fp32_region, kd_loss
-from distill.models import forward_features
+from distill.models import classifier_in_features, classifier_name, forward_features, replace_classifier
 
 
 def mlp(in_dim, hidden_dim, out_dim):
@@ -50,7 +50,7 @@ class CoCoRD(Method):
                  tau=0.1, teacher_head_momentum=0.999, slow_momentum=0.9, w_ce=1.0, w_contrast=1.0, w_pred=4.0,
                  w_kd=0.0, kd_T=4.0, gather=None):
         super().__init__(student, teacher)
-        d_s, d_t = student.fc.in_features, teacher.fc.in_features
+        d_s, d_t = classifier_in_features(student), classifier_in_features(teacher)
         self.tau, self.m_t, self.m_slow = tau, teacher_head_momentum, slow_momentum
         self.w_ce, self.w_contrast, self.w_pred, self.w_kd, self.kd_T = w_ce, w_contrast, w_pred, w_kd, kd_T
         self.gather = gather
@@ -66,7 +66,7 @@ class CoCoRD(Method):
 
         # slow-moving student: backbone without fc + its own projection head
         self.slow = copy.deepcopy(student)
-        self.slow.fc = nn.Identity()
+        replace_classifier(self.slow, nn.Identity())
         self.slow_proj = copy.deepcopy(self.proj_s)
         for p in list(self.slow.parameters()) + list(self.slow_proj.parameters()):
             p.requires_grad_(False)
@@ -86,7 +86,8 @@ class CoCoRD(Method):
     def _ema_pairs(self):
         """[(EMA params, source params, momentum)], matched by name. Built per call (cheap), so it stays right
         when parameters are replaced (e.g. SyncBN conversion, dtype/device moves)."""
-        student = {n: p for n, p in self.student.named_parameters() if not n.startswith("fc.")}
+        head = classifier_name(self.student) + "."
+        student = {n: p for n, p in self.student.named_parameters() if not n.startswith(head)}
         slow = dict(self.slow.named_parameters())
         if student.keys() != slow.keys():
             raise RuntimeError("slow student and student backbones differ in parameter names")
@@ -163,5 +164,13 @@ class CoCoRD(Method):
         self._pending_keys = self.gather(k) if self.gather is not None else k.detach()
         return logits, losses
 
+    @classmethod
+    def from_hparams(cls, student, teacher, hp, num_samples, sample_labels, gather):
+        return cls(student, teacher, proj_dim=hp["proj_dim"], proj_hidden_dim=hp["proj_hidden_dim"],
+                   pred_dim=hp["pred_dim"], queue_size=hp["queue_size"], tau=hp["tau"],
+                   teacher_head_momentum=hp["teacher_head_momentum"], slow_momentum=hp["slow_momentum"],
+                   w_ce=hp["w_ce"], w_contrast=hp["w_contrast"], w_pred=hp["w_pred"], w_kd=hp["w_kd"],
+                   kd_T=hp["kd_T"], gather=gather)
+
     def slow_student_state_dict(self):
-        return self.slow.state_dict()  # torchvision layout, no fc (it is nn.Identity)
+        return self.slow.state_dict()  # the student's layout without its classifier (nn.Identity)
