@@ -30,8 +30,7 @@ venv: $(VENV)/.installed
 # when that folder exists (CI, developers). The product never needs it.
 $(VENV)/.detectron2: $(VENV)/.installed
 	if [ -f $(SHARED)/tools/install_detectron2_for_tests.sh ]; then \
-	  PYTHON=$(PY) bash $(SHARED)/tools/install_detectron2_for_tests.sh; fi
-	touch $@
+	  PYTHON=$(PY) bash $(SHARED)/tools/install_detectron2_for_tests.sh && touch $@; fi
 
 demo: venv
 	$(PY) tools/run_pipeline.py $(ARGS)

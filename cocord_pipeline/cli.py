@@ -114,8 +114,7 @@ def _main(argv):
         return 0
     runner = Runner(plan, stream=not args.quiet, jobs=args.jobs, threads=args.threads)
     try:
-        with input_checks():  # a bad --only / --from-stage name is the user's to fix
-            runner.run(only=args.only, from_stage=args.from_stage, force=args.force, stop_after=args.stop_after)
+        runner.run(only=args.only, from_stage=args.from_stage, force=args.force, stop_after=args.stop_after)
     except KeyboardInterrupt:
         print("\ninterrupted: completed stages are kept; run the same command again to continue", file=sys.stderr)
         return 130

@@ -15,6 +15,7 @@ import subprocess
 import threading
 import time
 
+from cocord_common.errors import UserError
 from cocord_pipeline import layout
 from cocord_pipeline.config import REPO
 
@@ -121,7 +122,7 @@ class Runner:
         if stop_after:
             last = [i for i, s in enumerate(chosen) if stop_after in (s.name, s.group)]
             if not last:
-                raise ValueError(f"--stop-after {stop_after}: not among the selected stages "
+                raise UserError(f"--stop-after {stop_after}: not among the selected stages "
                                  f"{[s.name for s in chosen]}")
             chosen = chosen[:last[-1] + 1]
         names = {s.name for s in chosen}

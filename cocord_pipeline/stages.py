@@ -20,6 +20,7 @@ import sys
 
 import yaml
 
+from cocord_common.errors import UserError
 from cocord_common.metrics import eval_lines, final_eval_line, read_jsonl
 from cocord_pipeline import embedded_data, layout, report
 from cocord_pipeline.config import REPO, repo_path, substitute, words
@@ -324,12 +325,12 @@ class Plan:
         if from_stage:
             idx = next((i for i, s in enumerate(self.stages) if from_stage in (s.group, s.name)), None)
             if idx is None:
-                raise ValueError(f"--from-stage {from_stage}: no such stage or group; groups {GROUPS}, stages {names}")
+                raise UserError(f"--from-stage {from_stage}: no such stage or group; groups {GROUPS}, stages {names}")
             chosen = self.stages[idx:]
         if only:
             unknown = [o for o in only if not any(o in (s.group, s.name) for s in self.stages)]
             if unknown:
-                raise ValueError(f"--only {' '.join(unknown)}: no such stage or group; groups {GROUPS}, "
+                raise UserError(f"--only {' '.join(unknown)}: no such stage or group; groups {GROUPS}, "
                                  f"stages {names}")
             chosen = [s for s in chosen if s.group in only or s.name in only]
         return chosen

@@ -23,11 +23,7 @@ from distill.data import (FILE_CHECKS, EvalImageFolder, ImageError, MultiViewIma
 from distill.models import ARCHS
 
 MAX_LISTED_BAD_FILES = 20  # an unreadable-files error lists this many, then the count
-# the shared run's names, for callers of this module
-read_teacher_state = trainer.read_teacher_state
-check_state_matches = trainer.check_state_matches
-reconcile_metrics = trainer.reconcile_metrics
-METRICS_FILE = trainer.METRICS_FILE
+read_teacher_state = trainer.read_teacher_state  # the shared run's teacher reader, for callers of this module
 
 
 def add_args(p):

@@ -136,7 +136,7 @@ def test_train_stream_is_deterministic_and_grouped():
 
 
 def test_synthetic_shapes_read_the_same_as_voc_and_as_coco(tmp_path):
-    """tools/synthetic_shapes.py writes one dataset in both formats: both loaders see the same boxes/classes."""
+    """cocord_pipeline/synthetic_shapes.py writes one dataset in both formats: both loaders see the same boxes/classes."""
     from cocord_pipeline.synthetic_shapes import write_shapes
     root = write_shapes(str(tmp_path / "s"), n_train=5, n_test=3)
     voc = tdata.load_voc(root, "test", SHAPES)

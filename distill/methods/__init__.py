@@ -77,8 +77,8 @@ FLAGS = (
     ("--kd-T", float, (CoCoRD, "kd_T"), "KD temperature (default: {default})"),
     ("--tau", float, (CoCoRD, "tau"), "CoCoRD InfoNCE temperature (default: {default})"),
     ("--queue-size", int, (CoCoRD, "queue_size"),
-     "CoCoRD queue length K of teacher keys (default: {default}, our ImageNet choice; "
-     "the authors use 2048 on CIFAR)"),
+     "CoCoRD queue length K of teacher keys (default: {default}; ImageNet: 16384, our choice; "
+     "CIFAR: 2048, the authors')"),
     ("--proj-dim", int, (CoCoRD, "proj_dim"), "CoCoRD projection output width (default: {default})"),
     ("--proj-hidden-dim", int, (CoCoRD, "proj_hidden_dim"), "CoCoRD projection hidden width (default: {default})"),
     ("--pred-dim", int, (CoCoRD, "pred_dim"), "CoCoRD predictor hidden width (default: {default})"),
@@ -134,12 +134,14 @@ def add_method_args(parser):
     """Add every method hyper-parameter flag (with its default) to an argparse parser."""
     g = parser.add_argument_group("distillation method hyper-parameters")
     g.add_argument("--w-ce", type=float, default=None,
-                   help="weight of the cross-entropy term (default: 0.1 for kd, 1 otherwise)")
+                   help="weight of the cross-entropy term (%(default)s: the method's own, 0.1 for kd, 1 otherwise)")
     g.add_argument("--w-kd", type=float, default=None,
-                   help="weight of Hinton's KD term (default: 0.9 for kd, 1 for crd+kd / cocord+kd, 0 otherwise)")
+                   help="weight of Hinton's KD term (%(default)s: the method's own, 0.9 for kd, 1 for crd+kd / cocord+kd, 0 otherwise)")
     for flag, type_, (cls, param), help_ in FLAGS:
         default = type_(constructor_default(cls, param))
-        g.add_argument(flag, type=type_, default=default, help=help_.format(default=f"{default:g}"))
+        # %(default)s: the parser's default (a trainer may change it, e.g. K on CIFAR); ArgumentDefaultsHelpFormatter
+        # adds nothing to a help text that already shows it
+        g.add_argument(flag, type=type_, default=default, help=help_.format(default="%(default)s"))
     return parser
 
 
