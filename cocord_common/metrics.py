@@ -4,6 +4,9 @@ import json
 import math
 import os
 
+DISTILL_METRICS_FILE = "metrics.jsonl"  # one line per epoch
+TRANSFER_METRICS_FILE = "metrics.json"  # detectron2's name, JSON lines: training lines and evaluation lines
+
 from cocord_common.errors import UserError
 
 # A transfer metrics line is an evaluation line when one of its keys is this one or ends with "/" + it (both

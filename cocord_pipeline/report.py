@@ -18,7 +18,7 @@ import matplotlib
 import yaml
 
 from cocord_common.checkpoint import write_text_atomic
-from cocord_common.metrics import EVAL_KEY, eval_lines, mean_std, read_jsonl
+from cocord_common.metrics import EVAL_KEY, eval_lines, mean_std, read_jsonl, TRANSFER_METRICS_FILE
 from cocord_pipeline.config import REPO
 from cocord_pipeline.layout import read_json, runs_file, trial_dir
 
@@ -58,7 +58,7 @@ def classification_result(folder):
 def detection_result(folder, trials):
     per_trial, sources, curves, excluded = [], [], [], set()
     for k in range(trials):
-        path = os.path.join(trial_dir(folder, k, trials), "metrics.json")
+        path = os.path.join(trial_dir(folder, k, trials), TRANSFER_METRICS_FILE)
         rows = _metrics_rows(path, "transfer")
         evals = eval_lines(rows)
         if not evals:

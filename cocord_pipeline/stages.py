@@ -21,7 +21,7 @@ import sys
 import yaml
 
 from cocord_common.errors import UserError
-from cocord_common.metrics import eval_lines, final_eval_line, read_jsonl
+from cocord_common.metrics import eval_lines, final_eval_line, read_jsonl, TRANSFER_METRICS_FILE
 from cocord_pipeline import embedded_data, layout, report
 from cocord_pipeline.config import REPO, repo_path, substitute, words
 
@@ -86,7 +86,7 @@ def transfer_state(folder, trials):
     evals = []
     for k in range(trials):
         tdir = layout.trial_dir(folder, k, trials)
-        last = final_eval_line(os.path.join(tdir, "metrics.json"), on_torn="skip")
+        last = final_eval_line(os.path.join(tdir, TRANSFER_METRICS_FILE), on_torn="skip")
         if not os.path.isfile(os.path.join(tdir, "model_final.pth")):
             return False, f"trial {k} has no model_final.pth yet"
         if last is None:

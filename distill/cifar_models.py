@@ -31,7 +31,7 @@ each layer's last block.
 Which entries the feature-based methods read (RepDistiller's choices): FitNet the hint layer
 feats[2]; AT and VID every stage output feats[1:-1]; AB the preact stage outputs feats[1:-1]; SP
 and FT the last feature map feats[-2]; CC, RKD, PKT and CRD the pooled feature feats[-1].
-`feature_shapes(model)` gives every entry's shape without training-side effects (one eval-mode
+`distill.models.feature_shapes(model, image_size)` gives every entry's shape without side effects (one eval-mode
 dummy pass); `classifier_in_features(model)` the pooled width D without any pass.
 
 The classifier lives under the attribute the published state_dicts fix: `fc` (ResNets, WRNs),
@@ -615,27 +615,6 @@ def forward_with_features(model, x, preact=False):
         raise TypeError(f"{type(model).__name__} is not a CIFAR zoo model; forward_with_features "
                         f"here serves the models of distill.cifar_models.CIFAR_MODELS")
     return model.forward_with_features(x, preact=preact)
-
-
-@torch.no_grad()
-def feature_shapes(model, image_size=32, preact=False):
-    """Shapes (without the batch dim) of every feature entry, then of the logits, for a square
-    `image_size` input: one eval-mode pass on zeros (running BN statistics untouched); the
-    model's train/eval mode is restored."""
-    param = next(model.parameters())
-    was_training = model.training
-    model.eval()
-    try:
-        x = torch.zeros(2, 3, image_size, image_size, device=param.device, dtype=param.dtype)
-        feats, logits = forward_with_features(model, x, preact=preact)
-    finally:
-        model.train(was_training)
-    return [tuple(f.shape[1:]) for f in feats], tuple(logits.shape[1:])
-
-
-def feature_channels(model, image_size=32):
-    """Channel count (width for the pooled feature) of every feature entry."""
-    return [shape[0] for shape in feature_shapes(model, image_size)[0]]
 
 
 def classifier_name(model):

@@ -34,7 +34,7 @@ from cocord_common.checkpoint import (POINTER, last_checkpoint, load_checkpoint,
                                       save_atomic, save_checkpoint, write_text_atomic)
 from cocord_common.errors import UserError, input_checks
 from cocord_common.log import close_logging, setup_logging
-from cocord_common.metrics import append_jsonl, read_jsonl_torn_tail
+from cocord_common.metrics import append_jsonl, read_jsonl_torn_tail, DISTILL_METRICS_FILE as METRICS_FILE
 from cocord_common.rng import rng_state, seed_all, set_rng_state
 from cocord_common.weights import KIND_DISTILL, WeightsError, read_state_dict
 from cocord_common.yaml_config import flag_value_from_yaml, read_yaml_mapping
@@ -44,7 +44,6 @@ from distill.methods import METHODS, add_method_args, build_method, get_method
 from distill.models import ARCHS, build_model, classifier_name
 
 LOGGER_NAME = "distill"
-METRICS_FILE = "metrics.jsonl"
 INIT_DATA_EPOCH = 1_000_000  # data epoch of the first initialisation epoch (shuffle and augmentation seeds)
 
 

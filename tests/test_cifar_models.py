@@ -12,8 +12,8 @@ import torchvision
 
 from conftest import shared_path
 from distill.cifar_models import (CIFAR_MODELS, build_cifar_model, classifier_in_features, classifier_layer,
-                                  classifier_name, feature_channels, feature_shapes, forward_with_features,
-                                  num_classes_of, replace_classifier)
+                                  classifier_name, forward_with_features, num_classes_of, replace_classifier)
+from distill.models import feature_shapes
 
 REFERENCE = ("reference", "repdistiller_cifar_models.json")
 ZOO_NAMES = ["resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet8x4",
@@ -125,13 +125,13 @@ def test_wrn_preact_is_the_next_batchnorm_output_computed_once():
 def test_feature_shapes_without_side_effects():
     model = build_cifar_model("resnet8x4").train()
     stats = model.bn1.running_mean.clone()
-    shapes, logit_shape = feature_shapes(model)
+    shapes = feature_shapes(model, 32)
     assert shapes == [(32, 32, 32), (64, 32, 32), (128, 16, 16), (256, 8, 8), (256,)]
-    assert logit_shape == (100,)
-    assert feature_channels(model) == [32, 64, 128, 256, 256]
+    assert num_classes_of(model) == 100
+    assert [s[0] for s in shapes] == [32, 64, 128, 256, 256]
     assert model.training and torch.equal(model.bn1.running_mean, stats)
     # VGG uses its fourth max-pool only for 64-pixel inputs, as the reference zoo does
-    assert feature_shapes(build_cifar_model("vgg8"), image_size=64)[0] == [
+    assert feature_shapes(build_cifar_model("vgg8"), image_size=64) == [
         (64, 64, 64), (128, 32, 32), (256, 16, 16), (512, 8, 8), (512, 4, 4), (512,)]
 
 

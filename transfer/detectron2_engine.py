@@ -56,14 +56,13 @@ from cocord_common.checkpoint import (last_checkpoint, load_checkpoint, remove_o
                                       write_text_atomic)
 from cocord_common.errors import UserError
 from cocord_common.log import close_logging
-from cocord_common.metrics import append_jsonl, final_eval_line
+from cocord_common.metrics import append_jsonl, final_eval_line, TRANSFER_METRICS_FILE as METRICS_FILE
 from cocord_common.rng import rng_state, set_rng_state
 from transfer import config as tconfig
 from transfer import data as tdata
 from transfer.d2_format import load_d2_file
 from transfer.evaluation import evaluate
 
-METRICS_FILE = "metrics.json"
 
 
 # ----------------------------------------------------------------------------------------------------

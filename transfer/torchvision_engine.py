@@ -32,7 +32,7 @@ from cocord_common.checkpoint import (last_checkpoint, load_checkpoint, remove_o
                                       write_text_atomic)
 from cocord_common.errors import UserError
 from cocord_common.dist import all_gather_object, get_rank, get_world_size
-from cocord_common.metrics import append_jsonl
+from cocord_common.metrics import append_jsonl, TRANSFER_METRICS_FILE as METRICS_FILE
 from cocord_common.rng import rng_state, seed_all, set_rng_state
 from transfer import data as tdata
 from transfer.d2_format import load_d2_file
@@ -41,7 +41,6 @@ from transfer.modeling import build_model
 logger = logging.getLogger("transfer")
 WRITE_PERIOD = 20  # detectron2's default writer period
 LOG_FORMAT = "[%(asctime)s %(name)s]: %(message)s"
-METRICS_FILE = "metrics.json"  # detectron2's name: JSON lines
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,10 +18,10 @@ import sys
 
 from cocord_common.checkpoint import POINTER, write_text_atomic
 from cocord_common.errors import UserError, input_checks, run_main
+from cocord_common.metrics import TRANSFER_METRICS_FILE as METRICS_FILE
 from cocord_common.metrics import eval_lines, final_eval_line, mean_std, read_jsonl_torn_tail
 
 METRICS = ("AP", "AP50", "AP75")
-METRICS_FILE = "metrics.json"
 
 
 def argument_parser():
