@@ -106,6 +106,16 @@ def all_gather_object(obj):
     return out
 
 
+def gather_object(obj, dst=0):
+    """Every rank's `obj` in rank order on rank `dst` (None elsewhere): results only `dst` uses need
+    not be copied to every rank."""
+    if not is_dist():
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out
+
+
 @torch.no_grad()
 def average_batchnorm_buffers(module):
     """Average BatchNorm running statistics over ranks (called at epoch ends). Forward passes do

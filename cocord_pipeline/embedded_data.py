@@ -349,3 +349,55 @@ def main(argv=None):
     m = build(args.root, spec)
     print(json.dumps(m["counts"]))
 
+
+
+# ---------------------------------------------------------------------------------------- CIFAR format
+CIFAR_MANIFEST = "cifar_digits.json"
+
+
+def write_digits_cifar(root, train_per_class=20, test_per_class=30, seed=0, source=None):
+    """The embedded digits as a 10-class CIFAR-format folder ROOT/cifar-100-python/{train,test,meta}
+    (the CPU-scale stand-in for CIFAR-100 of docs/cifar.md and `run_pipeline.py --cifar embedded`).
+
+    Each digit is padded to 32x32 and drawn as bright coloured ink on a dark coloured background with
+    Gaussian noise (sigma 10), so the three channels differ; `train_per_class` / `test_per_class` digits
+    per class, disjoint. ROOT/cifar_digits.json (the arguments and counts) is written last."""
+    from distill.cifar_data import write_cifar100  # the stage scripts' format; distill imports torch
+    images, labels = load_mnist_5k(source)
+    rng = np.random.default_rng(seed)
+
+    def colour(idx):
+        digits = np.pad(images[idx], ((0, 0), (2, 2), (2, 2))).astype(np.float32)[..., None] / 255
+        ink, paper = rng.uniform(160, 255, (len(idx), 1, 1, 3)), rng.uniform(0, 80, (len(idx), 1, 1, 3))
+        noise = rng.normal(0, 10, (len(idx), 32, 32, 3))
+        return np.clip(digits * ink + (1 - digits) * paper + noise, 0, 255).astype(np.uint8)
+
+    train, test = [], []
+    for c in range(10):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        train += list(idx[:train_per_class])
+        test += list(idx[train_per_class:train_per_class + test_per_class])
+    train, test = rng.permutation(train), rng.permutation(test)
+    write_cifar100(root, colour(train), labels[train].tolist(), colour(test), labels[test].tolist(),
+                   fine_label_names=[str(d) for d in range(10)])
+    manifest = digits_cifar_spec(train_per_class, test_per_class, seed)
+    manifest["counts"] = {"train": len(train), "test": len(test)}
+    write_text_atomic(os.path.join(root, CIFAR_MANIFEST), json.dumps(manifest, indent=1))
+    return manifest
+
+
+def digits_cifar_spec(train_per_class, test_per_class, seed):
+    return {"format_version": FORMAT_VERSION, "train_per_class": int(train_per_class),
+            "test_per_class": int(test_per_class), "seed": int(seed)}
+
+
+def digits_cifar_complete(root, train_per_class, test_per_class, seed):
+    """Whether ROOT holds write_digits_cifar's output for these arguments (its manifest and files)."""
+    manifest = os.path.join(root, CIFAR_MANIFEST)
+    if not os.path.isfile(manifest):
+        return False
+    with open(manifest) as f:
+        found = json.load(f)
+    found.pop("counts", None)
+    files = [os.path.join(root, "cifar-100-python", n) for n in ("train", "test", "meta")]
+    return found == digits_cifar_spec(train_per_class, test_per_class, seed) and all(map(os.path.isfile, files))

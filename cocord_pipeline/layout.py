@@ -6,6 +6,13 @@ JSON files there:
     weights/<name>.pkl         converted students         runs.json          one entry per invocation
     transfer/<ds>/<init>/      fine-tuning (trial{k}/ inside when trials > 1)
     report.md, results.json, plots/
+
+The CIFAR benchmark (`--cifar`, cocord_pipeline/cifar.py) writes instead:
+
+    data/cifar-100-python/     the embedded digits in CIFAR format (`--cifar embedded` only)
+    teachers/<arch>/           teachers trained here (--method supervised)
+    students/<arch>/supervised/trial{k}/       the "Student" row (no teacher: shared by every pair)
+    pairs/<teacher>-<student>/<student_name(method)>/trial{k}/   the distilled students (crd+kd -> crd_kd)
 """
 import json
 import os
@@ -24,6 +31,17 @@ def data_dir(out):
 
 def distill_dir(out, name):
     return os.path.join(out, "distill", name)
+
+
+def cifar_teacher_dir(out, arch):
+    return os.path.join(out, "teachers", arch)
+
+
+def cifar_run_dir(out, teacher, student, method, trial):
+    """A CIFAR student's folder; `supervised` runs need no teacher, so every pair shares them."""
+    if method == "supervised":
+        return os.path.join(out, "students", student, "supervised", f"trial{trial}")
+    return os.path.join(out, "pairs", f"{teacher}-{student}", student_name(method), f"trial{trial}")
 
 
 def weights_file(out, name):

@@ -45,8 +45,10 @@ def _metrics_rows(path, stage):
 
 
 def classification_result(folder):
+    """A distill run's final top-1 / top-5 and per-epoch curves from its metrics.jsonl; an `ab` / `ft`
+    run's initialisation epochs (lines with `init_epoch`) are not the main schedule and are left out."""
     path = os.path.join(folder, "metrics.jsonl")
-    rows = eval_lines(_metrics_rows(path, "distill"), key="val/top1")
+    rows = [r for r in eval_lines(_metrics_rows(path, "distill"), key="val/top1") if "init_epoch" not in r]
     if not rows:
         raise ValueError(f"{path} has no epoch with val/top1; re-run that distill stage")
     last = rows[-1]
@@ -78,14 +80,15 @@ def detection_result(folder, trials):
     return out
 
 
-def _nan_to_none(x):
-    """Strict JSON: NaN (no detections) becomes null."""
-    if isinstance(x, float) and math.isnan(x):
+def non_finite_to_none(x):
+    """Strict JSON for results.json (both reports): every NaN (e.g. no detections) or infinity, at any
+    depth, becomes null."""
+    if isinstance(x, float) and not math.isfinite(x):
         return None
     if isinstance(x, dict):
-        return {k: _nan_to_none(v) for k, v in x.items()}
+        return {k: non_finite_to_none(v) for k, v in x.items()}
     if isinstance(x, list):
-        return [_nan_to_none(v) for v in x]
+        return [non_finite_to_none(v) for v in x]
     return x
 
 
@@ -374,7 +377,7 @@ def _comparison_lines(rows, datasets):
     return L
 
 
-def _timing_lines(timings, out):
+def timing_lines(timings, out):
     """Seconds per stage (timings.json) and every invocation of the driver (runs.json)."""
     if not timings:
         return []
@@ -452,7 +455,7 @@ def report_markdown(rows, desc, results, timings, out, paper=None):
     for ds in datasets:
         L += [f"![Fine-tuning on {ds}]({results['plots'][f'transfer_{ds}']})", ""]
     L += _comparison_lines(rows, datasets)
-    L += _timing_lines(timings, out)
+    L += timing_lines(timings, out)
     L.append(SCALE_NOTE_EMBEDDED if desc.get("embedded") else SCALE_NOTE_REAL)
     if paper["scope"] == "section":
         L += _paper_section_lines(rows, datasets, paper)
@@ -468,7 +471,7 @@ def write_report(out, desc):
     timings = read_json(desc["timings"], {})
     results = results_document(rows, desc, timings, plots, out, paper)
     write_text_atomic(os.path.join(out, "results.json"),
-                      json.dumps(_nan_to_none(results), indent=1, allow_nan=False))
+                      json.dumps(non_finite_to_none(results), indent=1, allow_nan=False))
     report = os.path.join(out, "report.md")
     write_text_atomic(report, report_markdown(rows, desc, results, timings, out, paper))
     return {"report": report, "results": os.path.join(out, "results.json"), "plots": plots}

@@ -138,7 +138,8 @@ def _build_data(data_dir, spec, stage, runner):
     runner.log(f"    | wrote {json.dumps(m['counts'])}")
 
 
-def _run_distill(stage, runner):
+def run_distill(stage, runner):
+    """A distill stage's action (both pipelines): its command, `--resume auto` when a run was cut."""
     last = os.path.join(stage.out_dir, "last_checkpoint")
     argv = stage.argv
     if os.path.isfile(last):
@@ -175,7 +176,44 @@ def _embedded_data_built(data_dir, spec):
 
 
 # ---------------------------------------------------------------------------------------- the plan
-class Plan:
+class StagePlan:
+    """What runner.Runner needs of a plan: `out`, `stages` in run order, `timings_path`, `runs_path`,
+    stage selection and producers. Plan (below) is the transfer pipeline's, cifar.CifarPlan the CIFAR
+    benchmark's."""
+    stages = ()
+    groups = GROUPS
+
+    @property
+    def commands(self):
+        """Stage name -> the command of a fresh (non-resumed) run of that stage."""
+        return {s.name: s.argv for s in self.stages if s.argv is not None}
+
+    def select(self, only=None, from_stage=None):
+        """The stages `--only` / `--from-stage` pick (stage names or groups), in run order."""
+        names = [s.name for s in self.stages]
+        chosen = list(self.stages)
+        if from_stage:
+            idx = next((i for i, s in enumerate(self.stages) if from_stage in (s.group, s.name)), None)
+            if idx is None:
+                raise UserError(f"--from-stage {from_stage}: no such stage or group; groups {self.groups}, stages {names}")
+            chosen = self.stages[idx:]
+        if only:
+            unknown = [o for o in only if not any(o in (s.group, s.name) for s in self.stages)]
+            if unknown:
+                raise UserError(f"--only {' '.join(unknown)}: no such stage or group; groups {self.groups}, "
+                                 f"stages {names}")
+            chosen = [s for s in chosen if s.group in only or s.name in only]
+        return chosen
+
+    def producer(self, path):
+        """Name of the stage that writes `path`."""
+        for s in self.stages:
+            if s.stamp and (path == s.stamp or (s.out_dir and path.startswith(s.out_dir + os.sep))):
+                return s.name
+        return "(outside the pipeline)"
+
+
+class Plan(StagePlan):
     """Every stage of one pipeline config, in run order, with its command and completeness check."""
 
     def __init__(self, cfg, cfg_path, out, python=sys.executable, paper_tables=None):
@@ -196,11 +234,6 @@ class Plan:
         self._add_transfers(data_inputs)
         self.stages.append(Stage("report", "report", lambda: (False, "always regenerated"), self._write_report,
                                  summary=True))
-
-    @property
-    def commands(self):
-        """Stage name -> the command of a fresh (non-resumed) run of that stage."""
-        return {s.name: s.argv for s in self.stages if s.argv is not None}
 
     # ---- building the stages, in run order
     def _add_data(self):
@@ -235,7 +268,7 @@ class Plan:
         epochs = int(epochs) if epochs is not None else None
         backbone = os.path.join(folder, "student_backbone.pth")
         self.stages.append(Stage(name if group == "teacher" else f"distill:{name}", group,
-                                 functools.partial(distill_state, folder, epochs), _run_distill,
+                                 functools.partial(distill_state, folder, epochs), run_distill,
                                  inputs=inputs, stamp=backbone, out_dir=folder, argv=argv))
         return backbone
 
@@ -317,27 +350,3 @@ class Plan:
             "timings": self.timings_path, "embedded": data_cfg.get("kind", "embedded") == "embedded",
             "quick": bool(data_cfg.get("quick")), "paper_tables": self.paper_tables,
         }
-
-    def select(self, only=None, from_stage=None):
-        """The stages `--only` / `--from-stage` pick (stage names or groups), in run order."""
-        names = [s.name for s in self.stages]
-        chosen = list(self.stages)
-        if from_stage:
-            idx = next((i for i, s in enumerate(self.stages) if from_stage in (s.group, s.name)), None)
-            if idx is None:
-                raise UserError(f"--from-stage {from_stage}: no such stage or group; groups {GROUPS}, stages {names}")
-            chosen = self.stages[idx:]
-        if only:
-            unknown = [o for o in only if not any(o in (s.group, s.name) for s in self.stages)]
-            if unknown:
-                raise UserError(f"--only {' '.join(unknown)}: no such stage or group; groups {GROUPS}, "
-                                 f"stages {names}")
-            chosen = [s for s in chosen if s.group in only or s.name in only]
-        return chosen
-
-    def producer(self, path):
-        """Name of the stage that writes `path`."""
-        for s in self.stages:
-            if s.stamp and (path == s.stamp or (s.out_dir and path.startswith(s.out_dir + os.sep))):
-                return s.name
-        return "(outside the pipeline)"

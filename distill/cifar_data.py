@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 
 from cocord_common.errors import UserError
-from distill.data import sample_seed
+from distill.data import SeededViewsDataset
 
 CIFAR100_DIRNAME = "cifar-100-python"
 CIFAR100_FILES = ("train", "test", "meta")
@@ -189,33 +189,23 @@ def random_crop_flip(img, gen, padding=CROP_PADDING):
     return out
 
 
-class CifarTrainSet(torch.utils.data.Dataset):
-    """CIFAR-100 training set: returns ([num_views normalised 3x32x32 views], target, index).
-
-    Same contract as distill.data.MultiViewImageFolder: call set_epoch(epoch) before iterating;
-    a sample's views depend only on (seed, epoch, index)."""
+class CifarTrainSet(SeededViewsDataset):
+    """CIFAR-100 training set: returns ([num_views normalised 3x32x32 views], target, index), views by
+    random_crop_flip (distill.data.SeededViewsDataset: call set_epoch(epoch) before iterating; a
+    sample's views depend only on (seed, epoch, index))."""
 
     def __init__(self, root, num_views=1, seed=0):
+        super().__init__(num_views, seed)
         folder = cifar100_folder(root)
         self.root = str(folder / "train")
         self.classes = read_class_names(folder)
         self.images, self.targets = read_split(folder, "train", len(self.classes))
-        self.num_views = num_views
-        self.seed = seed
-        self.epoch = 0
 
-    def set_epoch(self, epoch):
-        """Call before iterating (workers copy the dataset when the iterator is created)."""
-        self.epoch = epoch
+    def load(self, index):
+        return self.images[index]
 
-    def __len__(self):
-        return len(self.targets)
-
-    def __getitem__(self, index):
-        gen = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
-        img = self.images[index]
-        views = [normalize_cifar(random_crop_flip(img, gen)) for _ in range(self.num_views)]
-        return views, self.targets[index], index
+    def augment(self, sample, gen):
+        return normalize_cifar(random_crop_flip(sample, gen))
 
 
 class CifarTestSet(torch.utils.data.Dataset):

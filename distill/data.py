@@ -208,15 +208,14 @@ class TrainView:
         return TF.normalize(TF.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD)
 
 
-class MultiViewImageFolder(torch.utils.data.Dataset):
-    """Training set: returns ([num_views tensors 3xHxW], target, index)."""
+class SeededViewsDataset(torch.utils.data.Dataset):
+    """What every distillation training set shares: item `index` is ([num_views augmented views], target,
+    index), the sample decoded once (`load`) and augmented `num_views` times (`augment`) with randomness
+    from a generator seeded by (seed, epoch, index) only. Call set_epoch(epoch) before iterating.
+    Subclasses set `targets` (one class index per sample) and define `load` and `augment`."""
 
-    def __init__(self, root, crop_size, num_views=1, seed=0):
-        self.root = root
-        self.samples, self.classes, self.class_to_idx, self.skipped_files = scan_folder(root)
-        self.targets = [t for _, t in self.samples]
-        self.view = TrainView(crop_size)
-        self.num_views = num_views
+    def __init__(self, num_views=1, seed=0):
+        self.num_views = num_views  # the trainer sets it to the method's
         self.seed = seed
         self.epoch = 0
 
@@ -225,14 +224,38 @@ class MultiViewImageFolder(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def __len__(self):
-        return len(self.samples)
+        return len(self.targets)
+
+    def load(self, index):
+        """The decoded sample `index`, as `augment` takes it."""
+        raise NotImplementedError
+
+    def augment(self, sample, gen):
+        """One view of `sample`, its randomness from `gen` only."""
+        raise NotImplementedError
 
     def __getitem__(self, index):
-        path, target = self.samples[index]
-        img = load_rgb(path)  # decoded once for all views
+        sample = self.load(index)  # decoded once for all views
         gen = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
-        views = [self.view(img, gen) for _ in range(self.num_views)]
-        return views, target, index
+        views = [self.augment(sample, gen) for _ in range(self.num_views)]
+        return views, self.targets[index], index
+
+
+class MultiViewImageFolder(SeededViewsDataset):
+    """Training set of an ImageFolder tree: RandomResizedCrop + flip views (TrainView)."""
+
+    def __init__(self, root, crop_size, num_views=1, seed=0):
+        super().__init__(num_views, seed)
+        self.root = root
+        self.samples, self.classes, self.class_to_idx, self.skipped_files = scan_folder(root)
+        self.targets = [t for _, t in self.samples]
+        self.view = TrainView(crop_size)
+
+    def load(self, index):
+        return load_rgb(self.samples[index][0])
+
+    def augment(self, sample, gen):
+        return self.view(sample, gen)
 
 
 class EvalImageFolder(torch.utils.data.Dataset):

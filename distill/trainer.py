@@ -17,7 +17,6 @@ data epoch INIT_DATA_EPOCH + k - 1, a stream no main epoch uses.
 """
 import argparse
 import difflib
-import json
 import os
 import re
 import sys
@@ -34,7 +33,7 @@ from cocord_common.checkpoint import (POINTER, last_checkpoint, load_checkpoint,
                                       save_atomic, save_checkpoint, write_text_atomic)
 from cocord_common.errors import UserError, input_checks
 from cocord_common.log import close_logging, setup_logging
-from cocord_common.metrics import append_jsonl, read_jsonl_torn_tail, DISTILL_METRICS_FILE as METRICS_FILE
+from cocord_common.metrics import append_jsonl, reconcile_jsonl, DISTILL_METRICS_FILE as METRICS_FILE
 from cocord_common.rng import rng_state, seed_all, set_rng_state
 from cocord_common.weights import KIND_DISTILL, WeightsError, read_state_dict
 from cocord_common.yaml_config import flag_value_from_yaml, read_yaml_mapping
@@ -285,30 +284,23 @@ def describe_position(record):
 
 
 def reconcile_metrics(path, ckpt, log):
-    """Make metrics.jsonl agree with the checkpoint a run resumes from (the source of truth): a line cut
-    by a kill is dropped, lines after the checkpoint (written by a run that died before its next
-    checkpoint) are dropped, and the checkpoint's own line, lost when a kill came between the
-    checkpoint and the append, is restored from the record the checkpoint holds. Initialisation-stage
-    lines (epoch 0, init_epoch k) come before every main-stage line."""
-    rows, torn = read_jsonl_torn_tail(path)
+    """Make metrics.jsonl agree with the checkpoint a run resumes from (cocord_common.metrics.reconcile_jsonl:
+    a cut last line and lines after the checkpoint dropped); the checkpoint's own line, lost when a kill
+    came between the checkpoint and the append, is restored from the record the checkpoint holds.
+    Initialisation-stage lines (epoch 0, init_epoch k) come before every main-stage line."""
+    saved = [ckpt["metrics"]] if ckpt.get("metrics") else []
     where = position(ckpt)
-    if torn is not None:
-        log(f"warning: {path}:{torn[0]}: dropped a cut last line (an append interrupted by a kill): "
-            f"{torn[1][:60]!r}")
-    kept = [r for r in rows if isinstance(r.get("epoch"), int) and isinstance(r.get("init_epoch", 0), int)
-            and position(r) <= where]
-    if len(kept) < len(rows):
-        log(f"{path}: dropped {len(rows) - len(kept)} line(s) after {describe_position(ckpt)}, "
-            f"written after the checkpoint")
-    if not any(position(r) == where for r in kept):
-        if ckpt.get("metrics"):
-            kept.append(ckpt["metrics"])
-            log(f"warning: {path} had no line for {describe_position(ckpt)}; restored it from the checkpoint")
-        else:
-            log(f"warning: {path} has no line for {describe_position(ckpt)}, and the checkpoint is older than "
-                f"the metrics record checkpoints now hold, so that line cannot be restored")
-    if torn is not None or kept != rows:
-        write_text_atomic(path, "".join(json.dumps(r, default=float) + "\n" for r in kept))
+    rows = reconcile_jsonl(path, saved, line_position, where, log, describe_position(ckpt), key=line_position)
+    if not saved and not any(line_position(r) == where for r in rows):
+        log(f"warning: {path} has no line for {describe_position(ckpt)}, and the checkpoint is older than "
+            f"the metrics record checkpoints now hold, so that line cannot be restored")
+
+
+def line_position(record):
+    """position() of a metrics line with integer epoch keys, else None (not a line of this run)."""
+    if isinstance(record.get("epoch"), int) and isinstance(record.get("init_epoch", 0), int):
+        return position(record)
+    return None
 
 
 def files_of_a_run(folder):

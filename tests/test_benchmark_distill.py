@@ -50,3 +50,70 @@ def test_default_sweep_and_bad_batch():
     assert benchmark_distill.parse_args(["--device", "cuda"]).batch_sizes == [8, 32, 64, 128, 256]
     with pytest.raises(SystemExit):
         benchmark_distill.parse_args(["-b", "1"])
+
+
+# --methods mode (issue 13): one step of every method side by side, ratio to the supervised step
+TINY_METHODS = ["--iters", "1", "--warmup", "0", "-b", "2", "--num-samples", "6", "--queue-size", "16",
+                "--proj-dim", "8", "--proj-hidden-dim", "8", "--pred-dim", "4", "--crd-feat-dim", "4",
+                "--crd-nce-k", "4", "--cc-feat-dim", "4"]
+
+
+def every_method_row():
+    """Every METHODS name once, the two-stage ab and ft twice (main stage, then init stage)."""
+    from distill.methods import METHODS
+    rows = []
+    for name in METHODS:
+        rows += [f"{name} (main stage)", f"{name} (init stage)"] if name in ("ab", "ft") else [name]
+    return rows
+
+
+# every method on the tiny ImageNet pair; the CIFAR pair with a short list (the reference is added first)
+@pytest.mark.parametrize("pair,methods,rows", [
+    (["-a", "resnet18", "--teacher-arch", "resnet18", "--image-size", "32", "--num-classes", "3"], ["all"], None),
+    (["--cifar", "-a", "resnet8", "--teacher-arch", "resnet8", "--num-classes", "3"], ["kd", "ab"],
+     ["supervised", "kd", "ab (main stage)", "ab (init stage)"]),
+], ids=["imagenet", "cifar"])
+def test_methods_mode_times_every_method_against_supervised(pair, methods, rows, tmp_path, capsys):
+    out = tmp_path / "methods.json"
+    report = benchmark_distill.main(pair + TINY_METHODS + ["--methods"] + methods + ["--json", str(out)])
+    printed = capsys.readouterr().out.splitlines()
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert report["mode"] == "methods" and report["image_size"] == 32
+    res = report["batches"]["2"]
+    rows = rows or every_method_row()
+    assert list(res["cpu_ms"]) == rows and list(res["ratio_wall"]) == rows
+    assert list(res["views"]) == rows and res["views"]["supervised"] == 1
+    if "cocord" in rows:
+        assert res["views"]["cocord"] == 3
+    for clock in ("wall", "cpu"):
+        assert res[f"ratio_{clock}"]["supervised"] == 1.0
+        for row in rows:
+            assert res[f"{clock}_ms"][row] > 0
+            assert res[f"ratio_{clock}"][row] == pytest.approx(res[f"{clock}_ms"][row] / res[f"{clock}_ms"]["supervised"])
+    # one printed line per row: name, views, wall ms, ratio, cpu ms, ratio
+    table = {line[:22].strip(): line[22:].split() for line in printed if line[:22].strip() in rows}
+    assert list(table) == rows
+    assert table["supervised"][2] == "1.00" and table["supervised"][4] == "1.00"
+    for row in rows:
+        assert len(table[row]) == 5 and float(table[row][2]) == pytest.approx(res["ratio_wall"][row], abs=0.005)
+
+
+def test_methods_mode_flags():
+    args = benchmark_distill.parse_args(["--methods", "kd", "cocord", "kd", "--device", "cpu"])
+    assert args.methods == ["supervised", "kd", "cocord"]  # the reference first, duplicates dropped
+    assert (args.arch, args.teacher_arch, args.image_size, args.num_samples) == ("resnet18", "resnet34", 64, 1281167)
+    cifar = benchmark_distill.parse_args(["--methods", "all", "--cifar"])
+    assert (cifar.arch, cifar.teacher_arch, cifar.image_size, cifar.num_classes, cifar.queue_size,
+            cifar.num_samples) == ("resnet8x4", "resnet32x4", 32, 100, 2048, 50000)
+    for bad in (["--methods", "nope"], ["--cifar"], ["-a", "resnet8"], ["--methods", "all", "-b", "8", "--num-samples", "4"]):
+        with pytest.raises(SystemExit):
+            benchmark_distill.parse_args(bad)
+
+
+def test_num_samples_without_methods_is_an_error(capsys):
+    """The sweep has no CRD bank: a --num-samples there would be silently ignored."""
+    with pytest.raises(SystemExit) as e:
+        benchmark_distill.parse_args(["--num-samples", "1000", "--device", "cpu"])
+    assert e.value.code == 2
+    assert "--num-samples sizes CRD's memory banks in --methods mode" in capsys.readouterr().err
+    assert benchmark_distill.parse_args(["--device", "cpu"]).num_samples is None

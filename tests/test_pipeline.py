@@ -292,6 +292,27 @@ def test_report_numbers_come_from_metrics_files(tmp_path):
         report.write_report(out, pipe.describe())
 
 
+def test_classification_result_reads_the_main_schedule_only(tmp_path):
+    """ab / ft write their initialisation epochs (`init_epoch`, epoch 0) before the main ones."""
+    path = tmp_path / "metrics.jsonl"
+    init = [{"epoch": 0, "init_epoch": k, "train/loss": 5.0, "val/top1": 90.0} for k in (1, 2)]
+    main = [{"epoch": e, "train/loss": 1.0 / e, "val/top1": 10.0 * e, "val/top5": 20.0 * e} for e in (1, 2)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in init + main))
+    res = report.classification_result(str(tmp_path))
+    assert (res["top1"], res["top5"], res["epoch"]) == (20.0, 40.0, 2)
+    assert res["curve"] == {"epoch": [1, 2], "val/top1": [10.0, 20.0], "train/loss": [1.0, 0.5]}
+    path.write_text("".join(json.dumps(r) + "\n" for r in init))  # cut before its main schedule
+    with pytest.raises(ValueError, match=f"{path} has no epoch with val/top1; re-run that distill stage"):
+        report.classification_result(str(tmp_path))
+
+
+def test_results_json_holds_no_non_finite_number():
+    nested = {"a": [1.5, float("nan"), {"b": float("inf")}], "c": -float("inf"), "d": 2, "e": "x", "f": None}
+    cleaned = report.non_finite_to_none(nested)
+    assert cleaned == {"a": [1.5, None, {"b": None}], "c": None, "d": 2, "e": "x", "f": None}
+    assert json.loads(json.dumps(cleaned, allow_nan=False)) == cleaned
+
+
 def test_report_cli_rewrites_the_report_alone(tmp_path, capsys):
     """tools/pipeline_report.py (cli.report_main): the report stage from the files, nothing run or recorded."""
     out = tmp_path / "out"

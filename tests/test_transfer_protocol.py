@@ -255,12 +255,13 @@ def test_engines_record_excluded_classes_in_metrics_only_as_names(tmp_path, monk
     monkeypatch.setattr(torchvision_engine.tdata, "get_dataset_dicts", lambda name, cfg: [])
     monkeypatch.setattr(torchvision_engine.tdata, "build_test_loader", lambda cfg, dicts, rank, world: [])
     monkeypatch.setattr(torchvision_engine, "inference", lambda model, loader, device: (preds, 0.0))
-    cfg = types.SimpleNamespace(DATASETS=types.SimpleNamespace(TEST=("mine_test",)))
+    cfg = types.SimpleNamespace(DATASETS=types.SimpleNamespace(TEST=("mine_test",)),
+                                MODEL=types.SimpleNamespace(MASK_ON=False))
     flat = torchvision_engine.evaluate_all(cfg, torch.nn.Identity(), {"mine_test": meta}, "cpu")
     assert flat["bbox/excluded_classes"] == ["bird"] and flat["bbox/AP"] == 100.0
     # detectron2 engine: its EvalHook takes numbers only, so the names stay out of its results
     d2e = pytest.importorskip("transfer.detectron2_engine")
     ev = d2e.TransferEvaluator.__new__(d2e.TransferEvaluator)
-    ev._meta, ev._distributed, ev._predictions = meta, False, preds
+    ev._meta, ev._distributed, ev._predictions, ev._tasks = meta, False, preds, ("bbox",)
     bbox = ev.evaluate()["bbox"]
     assert bbox["AP"] == 100.0 and all(isinstance(v, float) for v in bbox.values())

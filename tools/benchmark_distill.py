@@ -19,6 +19,16 @@ Goal: bookkeeping <= 5% of the passes at batch >= 32. Ratios are printed, nothin
 Example (the default sweep, a few minutes on a 2-core CPU):
 
     python tools/benchmark_distill.py --arch resnet18 --teacher-arch resnet34 -b 8 32 64 --image-size 64
+
+`--methods all` (or a list of METHODS names) instead times one training step of every method side by
+side in the same interleaved rounds and prints ms/step and the ratio to the supervised step; ab and ft
+get two rows, their main-stage step and their initialisation-stage step. The pair is ResNet-34 ->
+ResNet-18 at --image-size (ImageNet), or with --cifar resnet32x4 -> resnet8x4 at 32x32 (100 classes,
+CoCoRD's CIFAR queue). CRD's memory banks have --num-samples rows (default: the training set's size,
+since its negative sampling depends on it; the sweep has no bank and refuses --num-samples):
+
+    python tools/benchmark_distill.py --methods all -b 32
+    python tools/benchmark_distill.py --methods all --cifar -b 64
 """
 import argparse
 import copy
@@ -29,12 +39,22 @@ import time
 import torch
 import torch.nn.functional as F
 
+from distill.cifar_data import IMAGE_SIZE as CIFAR_IMAGE_SIZE
 from distill.engine import autocast, build_scaler
 from distill.methods import METHODS, add_method_args, build_method
 from distill.methods.cocord import prediction_loss
-from distill.models import ARCHS, build_resnet, forward_features
+from distill.methods.feature_method import TwoStageMethod
+from distill.models import ALL_ARCHS, ARCHS, build_model, build_resnet, forward_features
+from distill.train_cifar import CIFAR_DEFAULTS
 
 IMAGENET_TRAIN = 1281167
+CIFAR_TRAIN = 50000
+# the pairs of --methods mode (flag defaults); --cifar picks the second. --num-samples (CRD's bank
+# rows: the training set's size) is --methods mode's alone, so its default is filled in after parsing
+IMAGENET_PAIR = {"arch": "resnet18", "teacher_arch": "resnet34", "image_size": 64, "num_classes": 1000}
+CIFAR_PAIR = {"arch": CIFAR_DEFAULTS["arch"], "teacher_arch": "resnet32x4", "image_size": CIFAR_IMAGE_SIZE,
+              "num_classes": 100, "queue_size": CIFAR_DEFAULTS["queue_size"]}
+REFERENCE = "supervised"
 PARTS = ("heads", "predictor", "EMA", "queue", "losses", "optimizer")
 
 
@@ -230,21 +250,110 @@ def print_memory(cocord, args):
     return {"queue_mib": queue_bytes / 2**20, "crd_banks_mib": crd_bytes / 2**20}
 
 
+def method_rows(names, init_epochs):
+    """(row label, METHODS name, --init-epochs to build it with or None) of every timed step: ab and ft
+    (the two-stage methods) twice, built in their main stage and in their initialisation stage."""
+    rows = []
+    for name in names:
+        if issubclass(METHODS[name].cls, TwoStageMethod):
+            rows += [(f"{name} (main stage)", name, 0), (f"{name} (init stage)", name, max(init_epochs, 1))]
+        else:
+            rows.append((name, name, None))
+    return rows
+
+
+def measure_methods(args, batch, dev, sync):
+    """{"wall": {row: s}, "cpu": {row: s}, "views": {row: n}}: one training step of every method of
+    args.methods, timed side by side. One frozen teacher is shared (no method trains it); every method
+    gets its own copy of the same initial student, and a batch of indices / classes of the training set
+    of args.num_samples samples (CRD samples its negatives there)."""
+    torch.manual_seed(0)
+    S, C, N = args.image_size, args.num_classes, args.num_samples
+    labels = torch.arange(N) % C
+    index = torch.randperm(N)[:batch]
+    target = labels[index].to(dev)
+    index = index.to(dev)
+    views = [torch.randn(batch, 3, S, S, device=dev) for _ in range(3)]
+    student = build_model(args.arch, C).to(dev)
+    teacher = build_model(args.teacher_arch, C).to(dev).eval()
+    fns, num_views = {}, {}
+    for row, name, init_epochs in method_rows(args.methods, args.init_epochs):
+        method_args = copy.copy(args)
+        if init_epochs is not None:
+            method_args.init_epochs = init_epochs
+        method = build_method(name, method_args, copy.deepcopy(student),
+                              teacher if METHODS[name].needs_teacher else None, N, labels,
+                              drives_init_stage=True).to(dev).train()
+        num_views[row] = method.num_views
+        fns[row] = method_step(method, views[:method.num_views], target, index)
+    wall, cpu = timed_rounds(fns, args.iters, args.warmup, sync)
+    return {"wall": wall, "cpu": cpu, "views": num_views}
+
+
+def print_methods(batch, res):
+    """ms/step of each method and its ratio to the supervised step, on both clocks."""
+    wall, cpu = res["wall"], res["cpu"]
+    print(f"\nbatch {batch}: one training step (forward + backward + SGD), ratio to the {REFERENCE} step")
+    print(f"{'method':<22}{'views':>6}{'wall ms':>10}{'x sup':>8}{'cpu ms':>10}{'x sup':>8}")
+    for row in wall:
+        print(f"{row:<22}{res['views'][row]:>6}{1e3 * wall[row]:>10.1f}{wall[row] / wall[REFERENCE]:>8.2f}"
+              f"{1e3 * cpu[row]:>10.1f}{cpu[row] / cpu[REFERENCE]:>8.2f}")
+
+
+def run_methods(args, dev, sync):
+    """--methods mode: per batch size, the table of print_methods; the report of every timing and ratio."""
+    print(f"device {dev}, threads {torch.get_num_threads()}, {args.teacher_arch} -> {args.arch}, "
+          f"batches {args.batch_sizes}, {args.image_size}x{args.image_size} px, {args.num_classes} classes, "
+          f"{args.num_samples} training samples (CRD banks), queue {args.queue_size}, "
+          f"median of {args.iters} interleaved rounds", flush=True)
+    batches = {}
+    for batch in args.batch_sizes:
+        res = measure_methods(args, batch, dev, sync)
+        print_methods(batch, res)
+        batches[str(batch)] = {"views": res["views"],
+                               **{f"{clock}_ms": {k: 1e3 * v for k, v in res[clock].items()} for clock in ("wall", "cpu")},
+                               **{f"ratio_{clock}": {k: v / res[clock][REFERENCE] for k, v in res[clock].items()}
+                                  for clock in ("wall", "cpu")}}
+    return {"mode": "methods", "device": str(dev), "threads": torch.get_num_threads(), "arch": args.arch,
+            "teacher_arch": args.teacher_arch, "image_size": args.image_size, "num_classes": args.num_classes,
+            "num_samples": args.num_samples, "iters": args.iters, "batches": batches}
+
+
+def resolve_methods(p, names):
+    """--methods as a list of METHODS names, the supervised reference first; unknown names are an error."""
+    names = list(METHODS) if names == ["all"] else names
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        p.error(f"--methods: unknown method(s) {', '.join(unknown)}; choose 'all' or from {', '.join(METHODS)}")
+    return [REFERENCE] + [n for n in dict.fromkeys(names) if n != REFERENCE]
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("-a", "--arch", default="resnet18", choices=ARCHS)
-    p.add_argument("--teacher-arch", default="resnet34", choices=ARCHS)
+    p.add_argument("-a", "--arch", choices=ALL_ARCHS)
+    p.add_argument("--teacher-arch", choices=ALL_ARCHS)
     p.add_argument("-b", "--batch-sizes", type=int, nargs="+", default=None,
                    help="batch sizes to sweep (default: 8 32 64 on CPU, 8 32 64 128 256 on GPU)")
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--num-classes", type=int)
     p.add_argument("--iters", type=int, default=3, help="timed rounds (median)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads (default 1: steady ratios on a shared machine; 0: torch's default)")
     p.add_argument("--json", default="", metavar="FILE", help="also write every timing and ratio to FILE")
+    p.add_argument("--methods", nargs="+", metavar="NAME",
+                   help="time one step of each of these methods ('all': every --method) instead of the sweep")
+    p.add_argument("--cifar", action="store_true",
+                   help=f"with --methods: the CIFAR pair {CIFAR_PAIR['teacher_arch']} -> {CIFAR_PAIR['arch']} at "
+                        f"{CIFAR_IMAGE_SIZE} px, {CIFAR_PAIR['num_classes']} classes, queue {CIFAR_PAIR['queue_size']}")
+    p.add_argument("--num-samples", type=int,
+                   help=f"--methods only (an error without): training-set size, the rows of CRD's banks "
+                        f"(default: {IMAGENET_TRAIN}, --cifar {CIFAR_TRAIN})")
     add_method_args(p)
+    pre = argparse.ArgumentParser(add_help=False)  # --cifar decides the other flags' defaults
+    pre.add_argument("--cifar", action="store_true")
+    p.set_defaults(**(CIFAR_PAIR if pre.parse_known_args(argv)[0].cifar else IMAGENET_PAIR))
     args = p.parse_args(argv)
     if args.batch_sizes is None:
         args.batch_sizes = [8, 32, 64] + ([128, 256] if args.device.startswith("cuda") else [])
@@ -252,15 +361,23 @@ def parse_args(argv=None):
     if bad or args.iters < 1 or args.warmup < 0 or args.image_size < 32:
         p.error(f"need batch sizes >= 2 (BatchNorm; got {args.batch_sizes}), --iters >= 1, --warmup >= 0 "
                 f"and --image-size >= 32")
+    if args.methods:
+        args.methods = resolve_methods(p, args.methods)
+        if args.num_samples is None:
+            args.num_samples = CIFAR_TRAIN if args.cifar else IMAGENET_TRAIN
+        if args.num_samples < max(args.batch_sizes):
+            p.error(f"--num-samples {args.num_samples} must be >= the largest batch size {max(args.batch_sizes)}")
+    elif args.num_samples is not None:
+        p.error("--num-samples sizes CRD's memory banks in --methods mode; the CoCoRD sweep has none "
+                "(add --methods, or drop --num-samples)")
+    elif args.cifar or args.arch not in ARCHS or args.teacher_arch not in ARCHS:
+        p.error("the CoCoRD sweep runs torchvision ResNets (--arch / --teacher-arch from "
+                f"{', '.join(ARCHS)}); CIFAR models and --cifar need --methods")
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    dev = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+def run_sweep(args, dev, sync):
+    """The default mode: CoCoRD's step, passes and bookkeeping parts over the batch sweep."""
     print(f"device {dev}, threads {torch.get_num_threads()}, student {args.arch}, teacher {args.teacher_arch}, "
           f"batches {args.batch_sizes}, {args.image_size}x{args.image_size} px, {args.num_classes} classes, "
           f"queue {args.queue_size}, median of {args.iters} interleaved rounds", flush=True)
@@ -270,11 +387,20 @@ def main(argv=None):
         print_batch(batch, results[batch])
     print_summary(results)
     memory = print_memory(cocord, args)
-    report = {"device": str(dev), "threads": torch.get_num_threads(), "arch": args.arch,
-              "teacher_arch": args.teacher_arch, "image_size": args.image_size, "iters": args.iters,
-              "batches": {str(b): dict(r, split={c: split(r[c]) for c in ("wall", "cpu")})
-                          for b, r in results.items()},
-              "memory": memory}
+    return {"device": str(dev), "threads": torch.get_num_threads(), "arch": args.arch,
+            "teacher_arch": args.teacher_arch, "image_size": args.image_size, "iters": args.iters,
+            "batches": {str(b): dict(r, split={c: split(r[c]) for c in ("wall", "cpu")})
+                        for b, r in results.items()},
+            "memory": memory}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    dev = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    report = (run_methods if args.methods else run_sweep)(args, dev, sync)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)

@@ -16,7 +16,8 @@ from fvcore.common.config import CfgNode as _FvCfgNode
 from cocord_common.yaml_config import load_yaml_with_base
 
 # Keys a `DATASETS.REGISTER.<name>` entry may hold (see transfer/data.py).
-REGISTER_KEYS = {"TYPE", "ROOT", "SPLIT", "CLASSES", "YEAR", "IMAGE_ROOT", "JSON_FILE"}
+REGISTER_KEYS = {"TYPE", "ROOT", "SPLIT", "CLASSES", "YEAR", "IMAGE_ROOT", "JSON_FILE",
+                 "IMAGE_DIR", "ANNOTATION_DIR", "SPLIT_FILE", "TEST_FRACTION", "SPLIT_SEED"}
 
 
 class CfgNode(_FvCfgNode):
@@ -133,6 +134,17 @@ def get_cfg():
     _C.MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG = False
     _C.MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES = False
 
+    # Mask R-CNN (MODEL.MASK_ON, C4 only): the POOLER_* keys are unused by C4 heads, as in detectron2
+    _C.MODEL.ROI_MASK_HEAD = CN()
+    _C.MODEL.ROI_MASK_HEAD.NAME = "MaskRCNNConvUpsampleHead"
+    _C.MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION = 14
+    _C.MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO = 0
+    _C.MODEL.ROI_MASK_HEAD.NUM_CONV = 0
+    _C.MODEL.ROI_MASK_HEAD.CONV_DIM = 256
+    _C.MODEL.ROI_MASK_HEAD.NORM = ""
+    _C.MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK = False
+    _C.MODEL.ROI_MASK_HEAD.POOLER_TYPE = "ROIAlignV2"
+
     _C.MODEL.RESNETS = CN()
     _C.MODEL.RESNETS.DEPTH = 50
     _C.MODEL.RESNETS.OUT_FEATURES = ["res4"]
@@ -188,61 +200,116 @@ def get_cfg():
 # loading
 
 
-def _check_keys(data, node, path, prefix=""):
-    """Raise naming `path` and the dotted key for any key of `data` absent from `node`."""
+def problem_list(problems, what):
+    """One message for several problems: the message itself for one, else a count and one line each."""
+    if len(problems) == 1:
+        return problems[0]
+    return f"{len(problems)} problems with {what}:\n" + "\n".join(f"  - {p}" for p in problems)
+
+
+def _unknown_keys(data, node, path, prefix=""):
+    """Every problem with the keys of `data` (a file's mapping) against `node`: one message each."""
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping at '{prefix or '<top level>'}', got {data!r}")
+        return [f"{path}: expected a mapping at '{prefix or '<top level>'}', got {data!r}"]
+    problems = []
     for k, v in data.items():
         full = f"{prefix}{k}"
         if full == "DATASETS.REGISTER":
-            check_register(v, path)
+            problems += register_problems(v, path)
+        elif k not in node:
+            problems.append(f"{path}: unknown config key '{full}'")
+        elif isinstance(node[k], _FvCfgNode):
+            problems += _unknown_keys(v, node[k], path, full + ".")
+    return problems
+
+
+def _check_keys(data, node, path):
+    """Raise one KeyError listing every unknown key of `data` (keys of the file `path`)."""
+    problems = _unknown_keys(data, node, path)
+    if problems:
+        raise KeyError(problem_list(problems, "the config keys") + "\nCheck the spelling against "
+                       "transfer/config.py (the detectron2-compatible keys our engines implement; DATASETS.REGISTER "
+                       f"entries take {sorted(REGISTER_KEYS)})")
+
+
+def register_problems(reg, where):
+    """Every problem of a DATASETS.REGISTER node (name -> mapping of REGISTER_KEYS), one message each."""
+    if not isinstance(reg, dict):
+        return [f"{where}: DATASETS.REGISTER must map dataset names to settings, got {reg!r}"]
+    problems = []
+    for name, entry in reg.items():
+        if not isinstance(entry, dict):
+            problems.append(f"{where}: DATASETS.REGISTER.{name} must be a mapping, got {entry!r}")
             continue
-        if k not in node:
-            raise KeyError(
-                f"{path}: unknown config key '{full}'. Check its spelling against "
-                f"transfer/config.py (the detectron2-compatible keys our engines implement)")
-        if isinstance(node[k], _FvCfgNode):
-            _check_keys(v, node[k], path, full + ".")
+        problems += [f"{where}: unknown config key 'DATASETS.REGISTER.{name}.{k}'"
+                     for k in entry if k not in REGISTER_KEYS]
+    return problems
 
 
 def check_register(reg, where):
-    """The one check of a DATASETS.REGISTER node (name -> mapping of REGISTER_KEYS); `where` names
-    the file (or 'config') in the error. Used by both engines' config loaders."""
-    if not isinstance(reg, dict):
-        raise ValueError(f"{where}: DATASETS.REGISTER must map dataset names to settings, got {reg!r}")
-    for name, entry in reg.items():
-        if not isinstance(entry, dict):
-            raise ValueError(f"{where}: DATASETS.REGISTER.{name} must be a mapping, got {entry!r}")
-        for k in entry:
-            if k not in REGISTER_KEYS:
-                raise KeyError(
-                    f"{where}: unknown config key 'DATASETS.REGISTER.{name}.{k}'; allowed: "
-                    f"{sorted(REGISTER_KEYS)}")
+    """The one check of a DATASETS.REGISTER node; `where` names the file (or 'config') in the error.
+    Used by both engines' config loaders. One KeyError lists every bad entry."""
+    problems = register_problems(reg, where)
+    if problems:
+        raise KeyError(problem_list(problems, "DATASETS.REGISTER") + f"\nA DATASETS.REGISTER entry takes "
+                       f"{sorted(REGISTER_KEYS)}")
+
+
+def list_value(text):
+    """The items of a list written on the command line (the one parser of such lists): a Python literal
+    (`"('a', 'b')"`, `[1, 2]`), or a comma list `a,b` / `[a, b]` / `(a, b)` (brackets as a shell passes
+    them unquoted), each item decoded as a config value (`160,176` gives numbers) with stray quotes
+    stripped from names. A single `a` gives [a]; empty text or `[]` gives []."""
+    decoded = CN._decode_cfg_value(text)
+    if isinstance(decoded, (list, tuple)):
+        return list(decoded)
+    text = str(text).strip()
+    if text[:1] + text[-1:] in ("[]", "()"):
+        text = text[1:-1]
+    items = [CN._decode_cfg_value(x.strip()) for x in text.split(",") if x.strip()]
+    items = [x.strip("'\"").strip() if isinstance(x, str) else x for x in items]
+    return [x for x in items if x != ""]
+
+
+def _list_value(current, text):
+    """A command-line value for config key holding `current`: list_value's items for a list/tuple key
+    (as that type), else the decoded config value."""
+    if not isinstance(current, (list, tuple)):
+        return CN._decode_cfg_value(text)
+    return type(current)(list_value(text))
 
 
 def merge_opts(cfg, opts):
-    """Apply trailing `KEY VALUE` pairs; `DATASETS.REGISTER.<name>.<KEY>` may create new entries."""
+    """Apply trailing `KEY VALUE` pairs; `DATASETS.REGISTER.<name>.<KEY>` may create new entries. List
+    keys and DATASETS.REGISTER.<name>.CLASSES take list_value's lists (`DATASETS.TRAIN a_train,b_train`,
+    `[a_train, b_train]`, a Python literal). One KeyError lists every bad key."""
     if len(opts) % 2:
         raise ValueError(f"overrides must be KEY VALUE pairs, got an odd list: {opts}")
-    plain = []
+    plain, problems = [], []
     for k, v in zip(opts[0::2], opts[1::2]):
         parts = k.split(".")
         if parts[:2] == ["DATASETS", "REGISTER"]:
             if len(parts) != 4 or parts[3] not in REGISTER_KEYS:
-                raise KeyError(f"command line: bad key '{k}'; use DATASETS.REGISTER.<name>.<KEY> with "
-                               f"KEY in {sorted(REGISTER_KEYS)}")
+                problems.append(f"command line: bad key '{k}'; use DATASETS.REGISTER.<name>.<KEY> with KEY in "
+                                f"{sorted(REGISTER_KEYS)}")
+                continue
             reg = cfg.DATASETS.REGISTER
             if parts[2] not in reg:
-                reg[parts[2]] = CN()
-            reg[parts[2]][parts[3]] = CN._decode_cfg_value(v)
+                reg[parts[2]] = type(reg)()
+            reg[parts[2]][parts[3]] = (list_value(v) if parts[3] == "CLASSES" and isinstance(v, str)
+                                       else CN._decode_cfg_value(v))
             continue
         node = cfg
         for i, part in enumerate(parts):
             if not isinstance(node, _FvCfgNode) or part not in node:
-                raise KeyError(f"command line: unknown config key '{k}' ('{'.'.join(parts[:i + 1])}' does not "
-                               f"exist); check its spelling against transfer/config.py")
+                problems.append(f"command line: unknown config key '{k}' ('{'.'.join(parts[:i + 1])}' does not "
+                                "exist); check its spelling against transfer/config.py")
+                break
             node = node[part]
-        plain += [k, v]
+        else:
+            plain += [k, _list_value(node, v) if isinstance(v, str) else v]
+    if problems:
+        raise KeyError(problem_list(problems, "the command line's config keys"))
     try:
         cfg.merge_from_list(plain)  # every key exists (checked above); values may still be refused
     except (ValueError, AssertionError) as e:
@@ -286,7 +353,8 @@ def _require(cond, key, value, fix):
 
 def validate(cfg):
     """Refuse settings our engines do not implement. Dataset-dependent checks (files, classes vs
-    ROI_HEADS.NUM_CLASSES) run when an engine prepares its datasets (transfer.data.check_dataset_files,
+    ROI_HEADS.NUM_CLASSES) run in transfer.data.resolve_datasets (train_net.py, before either engine)
+    and again when an engine prepares its datasets (transfer.data.check_dataset_files,
     torchvision_engine.prepare_datasets)."""
     _validate_model(cfg)
     _validate_resnet(cfg.MODEL.RESNETS)
@@ -301,9 +369,17 @@ def _validate_model(cfg):
     _require(cfg.VIS_PERIOD == 0, "VIS_PERIOD", cfg.VIS_PERIOD, "training visualisation is not implemented; use 0")
     _require(m.DEVICE.split(":")[0] in ("cpu", "cuda"), "MODEL.DEVICE", m.DEVICE, "use cuda or cpu")
     _require(m.META_ARCHITECTURE == "GeneralizedRCNN", "MODEL.META_ARCHITECTURE", m.META_ARCHITECTURE,
-             "only 'GeneralizedRCNN' (Faster R-CNN)")
-    for key in ("MASK_ON", "KEYPOINT_ON", "LOAD_PROPOSALS"):
-        _require(not m[key], f"MODEL.{key}", m[key], "box detection only; set it to False")
+             "only 'GeneralizedRCNN' (Faster R-CNN, or Mask R-CNN with MODEL.MASK_ON)")
+    for key in ("KEYPOINT_ON", "LOAD_PROPOSALS"):
+        _require(not m[key], f"MODEL.{key}", m[key], "boxes and masks only; set it to False")
+    if m.MASK_ON:
+        _require(not is_fpn(cfg), "MODEL.MASK_ON", True, "masks are implemented for the C4 model (MoCo's "
+                 "Mask R-CNN R50-C4) only; use build_resnet_backbone or set MODEL.MASK_ON False")
+        _require(m.ROI_MASK_HEAD.NAME == "MaskRCNNConvUpsampleHead", "MODEL.ROI_MASK_HEAD.NAME",
+                 m.ROI_MASK_HEAD.NAME, "only MaskRCNNConvUpsampleHead")
+        _require(m.ROI_MASK_HEAD.NORM == "", "MODEL.ROI_MASK_HEAD.NORM", m.ROI_MASK_HEAD.NORM, "only ''")
+        _require(m.ROI_MASK_HEAD.NUM_CONV >= 0, "MODEL.ROI_MASK_HEAD.NUM_CONV", m.ROI_MASK_HEAD.NUM_CONV, "use >= 0")
+        _require(m.ROI_MASK_HEAD.CONV_DIM >= 1, "MODEL.ROI_MASK_HEAD.CONV_DIM", m.ROI_MASK_HEAD.CONV_DIM, "use >= 1")
     _require(m.BACKBONE.NAME in ("build_resnet_backbone", "build_resnet_fpn_backbone"),
              "MODEL.BACKBONE.NAME", m.BACKBONE.NAME, "use build_resnet_backbone (C4) or build_resnet_fpn_backbone")
     _require(0 <= m.BACKBONE.FREEZE_AT <= 5, "MODEL.BACKBONE.FREEZE_AT", m.BACKBONE.FREEZE_AT, "use 0..5")

@@ -31,6 +31,7 @@ Outputs are detectron2's: log.txt, metrics.json (JSON lines; the eval line has b
 bbox/AP75 and iteration), TensorBoard events, model_XXXXXXX.pth, model_final.pth, last_checkpoint.
 """
 import functools
+import logging
 import os
 import re
 
@@ -42,11 +43,11 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode as D2CfgNode
 from detectron2.config import get_cfg as d2_get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.engine import DefaultTrainer, launch
+from detectron2.engine import DefaultTrainer, hooks, launch
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.layers import get_norm
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, Res5ROIHeads
-from detectron2.structures import Boxes, Instances
+from detectron2.structures import Boxes, Instances, PolygonMasks
 from detectron2.utils import comm
 from detectron2.utils.collect_env import collect_env_info
 from detectron2.utils.env import seed_all_rng
@@ -56,12 +57,14 @@ from cocord_common.checkpoint import (last_checkpoint, load_checkpoint, remove_o
                                       write_text_atomic)
 from cocord_common.errors import UserError
 from cocord_common.log import close_logging
-from cocord_common.metrics import append_jsonl, final_eval_line, TRANSFER_METRICS_FILE as METRICS_FILE
+from cocord_common.metrics import (append_jsonl, final_eval_line, reconcile_transfer_metrics,
+                                   transfer_lines_for_checkpoint, TRANSFER_METRICS_FILE as METRICS_FILE)
 from cocord_common.rng import rng_state, set_rng_state
 from transfer import config as tconfig
 from transfer import data as tdata
 from transfer.d2_format import load_d2_file
-from transfer.evaluation import evaluate
+from transfer.evaluation import eval_tasks, evaluate
+from transfer.masks import encode_rles, require_mask_datasets, require_polygons
 
 
 
@@ -118,6 +121,9 @@ def check_runtime(cfg):
                          "detectron2's scheduler needs every step < MAX_ITER (a step at MAX_ITER has no effect)")
     if not cfg.DATASETS.TRAIN and not cfg.DATASETS.TEST:
         raise ValueError("config DATASETS.TRAIN and DATASETS.TEST are both empty; nothing to do")
+    if cfg.MODEL.MASK_ON and cfg.INPUT.MASK_FORMAT != "polygon":
+        raise ValueError(f"config INPUT.MASK_FORMAT = {cfg.INPUT.MASK_FORMAT!r}: MODEL.MASK_ON trains on polygon "
+                         "targets only here; set INPUT.MASK_FORMAT polygon")
     tconfig.check_solver_numbers(cfg.SOLVER)
 
 
@@ -206,12 +212,14 @@ class TransferEvaluator(DatasetEvaluator):
     """detectron2 DatasetEvaluator around transfer.evaluation (the code the torchvision engine uses):
     collects each image's detections, gathers them on rank 0 in rank order (= dataset order, as
     detectron2's InferenceSampler shards contiguously), then scores them per metadata
-    evaluator_type. Returns {"bbox": {"AP", "AP50", "AP75", ...}} like detectron2's evaluators."""
+    evaluator_type. Returns {"bbox": {"AP", "AP50", "AP75", ...}} like detectron2's evaluators, plus
+    "segm" (mask AP of the pasted pred_masks, as COCO RLEs) with MODEL.MASK_ON."""
 
-    def __init__(self, dataset_name, distributed=True):
+    def __init__(self, dataset_name, distributed=True, mask_on=False):
         self._name = dataset_name
         self._meta = MetadataCatalog.get(dataset_name).as_dict()
         self._distributed = distributed
+        self._tasks = eval_tasks(mask_on)
         self.reset()
 
     def reset(self):
@@ -223,6 +231,8 @@ class TransferEvaluator(DatasetEvaluator):
             self._predictions[inp["image_id"]] = {"boxes": inst.pred_boxes.tensor.numpy(),
                                                   "scores": inst.scores.numpy(),
                                                   "classes": inst.pred_classes.numpy()}
+            if inst.has("pred_masks"):  # MASK_ON: COCO RLEs, as COCOEvaluator encodes them
+                self._predictions[inp["image_id"]]["masks"] = encode_rles(inst.pred_masks)
 
     def evaluate(self):
         predictions = self._predictions
@@ -234,12 +244,14 @@ class TransferEvaluator(DatasetEvaluator):
             predictions = {}
             for part in parts:
                 predictions.update(part)
-        res = evaluate(self._meta, predictions)
-        # detectron2's EvalHook takes numbers only: excluded_classes (names) stays in the log
-        bbox = {k: float(v) for k, v in res.items() if not isinstance(v, (dict, list))}
-        for cls, ap in res.get("per_class_AP50", {}).items():
-            bbox[f"AP50-{cls}"] = float(ap)
-        return {"bbox": bbox}
+        out = {}
+        for task in self._tasks:
+            res = evaluate(self._meta, predictions, task)
+            # detectron2's EvalHook takes numbers only: excluded_classes (names) stays in the log
+            out[task] = {k: float(v) for k, v in res.items() if not isinstance(v, (dict, list))}
+            for cls, ap in res.get("per_class_AP50", {}).items():
+                out[task][f"AP50-{cls}"] = float(ap)
+        return out
 
 
 class TrainStream:
@@ -277,6 +289,8 @@ def _to_d2_input(d):
     inst = Instances((h, w))
     inst.gt_boxes = Boxes(d["instances"]["boxes"])
     inst.gt_classes = d["instances"]["classes"]
+    if "polygons" in d["instances"]:  # MASK_ON: the mapper's transformed polygons, as detectron2's mapper makes them
+        inst.gt_masks = PolygonMasks(d["instances"]["polygons"])
     return {"image": d["image"], "height": d["height"], "width": d["width"], "image_id": d["image_id"],
             "file_name": d.get("file_name", ""), "instances": inst}
 
@@ -293,7 +307,7 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        return TransferEvaluator(dataset_name)
+        return TransferEvaluator(dataset_name, mask_on=cfg.MODEL.MASK_ON)
 
     @staticmethod
     def precise_bn_batches(cfg):
@@ -314,6 +328,11 @@ class Trainer(DefaultTrainer):
 
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
+        if resume and self.checkpointer.has_checkpoint() and comm.is_main_process():
+            # metrics.json as of the checkpoint: lines after it dropped, lost ones restored (in place: the
+            # JSONWriter already holds the file open for appending)
+            reconcile_transfer_metrics(self.cfg.OUTPUT_DIR, getattr(self, "_resumed_metrics_lines", None),
+                                       self.start_iter - 1, logging.getLogger("transfer").info, in_place=True)
         if self.start_iter:  # restart the stream at the resumed iteration
             self._trainer.data_loader = TrainStream(self.cfg, lambda: self.loader_seed, self.start_iter,
                                                     self.cfg.SOLVER.MAX_ITER)
@@ -324,6 +343,7 @@ class Trainer(DefaultTrainer):
         ret["_trainer"] = self._trainer.state_dict()  # optimizer (+ AMP scaler): detectron2 0.6 omits it
         ret["loader_seed"] = int(self.loader_seed)
         ret["rng"] = rng_state()
+        ret["metrics_lines"] = transfer_lines_for_checkpoint(self.cfg.OUTPUT_DIR, self.iter)  # a resume restores them
         return ret
 
     def load_state_dict(self, state):
@@ -332,6 +352,7 @@ class Trainer(DefaultTrainer):
             self._trainer.load_state_dict(state["_trainer"])
         if "loader_seed" in state:
             self.loader_seed = int(state["loader_seed"])
+        self._resumed_metrics_lines = state.get("metrics_lines")  # for resume_or_load's reconcile
         rng = state.get("rng") or {}
         if "numpy" in rng:
             set_rng_state(rng)
@@ -346,9 +367,13 @@ class Trainer(DefaultTrainer):
         self.checkpointer = Checkpointer(old.model, self.cfg.OUTPUT_DIR, **old.checkpointables)
         self._building_hooks = True
         try:
-            return super().build_hooks()
+            hook_list = super().build_hooks()
         finally:
             self._building_hooks = False
+        # the periodic checkpoint last (detectron2 puts it before the eval and the writer), so that it
+        # carries every metrics.json line written up to its iteration (its "metrics_lines")
+        periodic = [h for h in hook_list if isinstance(h, hooks.PeriodicCheckpointer)]
+        return [h for h in hook_list if h not in periodic] + periodic
 
     def train(self):
         super().train()
@@ -481,8 +506,11 @@ def run(cfg, args):
     worker starts or any model is built."""
     check_runtime(cfg)
     check_weights_file(cfg, getattr(args, "resume", False))
-    for name in dataset_names(cfg):
-        tdata.check_dataset_files(name, cfg)
+    metas = {name: tdata.check_dataset_files(name, cfg) for name in dataset_names(cfg)}
+    require_mask_datasets(cfg, metas)
+    if cfg.MODEL.MASK_ON:  # an object without polygons would otherwise fail in a loader worker
+        for name in cfg.DATASETS.TRAIN:
+            require_polygons(tdata.get_dataset_dicts(name, cfg), metas[name]["json_file"])
     for name in cfg.DATASETS.TEST:  # read only after training: a bad file must be found before it
         tdata.check_images(name, cfg)
     num_gpus = int(getattr(args, "num_gpus", 1) or 1)

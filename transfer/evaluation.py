@@ -4,7 +4,8 @@ Predictions, for every evaluator here, are one dict keyed by the dataset's ``ima
 
     {image_id: {"boxes": np.ndarray[N, 4]  XYXY absolute, in the loader's coordinates,
                 "scores": np.ndarray[N],
-                "classes": np.ndarray[N]  contiguous ids 0..K-1}}
+                "classes": np.ndarray[N]  contiguous ids 0..K-1,
+                "masks": [N COCO RLEs]  only for COCO mask AP (iou_type "segm", MODEL.MASK_ON)}}
 
 Images of the split that have no entry (or an empty one) simply have no detections: their ground
 truth still counts as missed. The insertion order of the dict is the order detectron2 would have
@@ -239,7 +240,9 @@ def evaluate_voc(meta, predictions):
     classes = list(meta["thing_classes"])
     dirname, split, year = meta["dirname"], meta["split"], int(meta["year"])
     use_07 = year == 2007
-    split_file = os.path.join(dirname, "ImageSets", "Main", f"{split}.txt")
+    # transfer.data's metadata may name other folders / a split file elsewhere (custom datasets)
+    split_file = meta.get("split_file") or os.path.join(dirname, "ImageSets", "Main", f"{split}.txt")
+    annotation_dir = meta.get("annotation_dir") or os.path.join(dirname, "Annotations")
     if not os.path.isfile(split_file):
         raise FileNotFoundError(f"{what}: split file {split_file} not found (metadata dirname={dirname!r}, "
                                 f"split={split!r}); point the dataset at a VOC-layout folder")
@@ -251,7 +254,7 @@ def evaluate_voc(meta, predictions):
     # ground truth, grouped by class then image (split order)
     per_class = [[] for _ in classes]  # (image index, box, difficult)
     for i, name in enumerate(image_names):
-        for obj_name, box, difficult in parse_voc_xml(os.path.join(dirname, "Annotations", name + ".xml")):
+        for obj_name, box, difficult in parse_voc_xml(os.path.join(annotation_dir, name + ".xml")):
             c = cls_to_id.get(obj_name)
             if c is not None:  # other names never match any class, as in the devkit port
                 per_class[c].append((i, box, difficult))
@@ -325,11 +328,27 @@ def _coco_id_map(meta, coco_api):
     return {i: cid for i, cid in enumerate(sorted(coco_api.getCatIds()))}
 
 
-def evaluate_coco(meta, predictions):
-    """COCO bbox AP with pycocotools' official ``COCOeval`` (as detectron2's COCOEvaluator with
-    ``use_fast_impl=False``). ``meta`` needs ``json_file``; class ids are mapped back to the JSON's
-    category ids. All images of the JSON are evaluated. Returns {AP, AP50, AP75, APs, APm, APl} x100;
-    a metric COCOeval cannot compute (or no detections at all) is NaN."""
+def _flatten_masks(predictions, what):
+    """Every detection's COCO RLE (``masks``: one per box), in the order of _flatten_predictions."""
+    rles = []
+    for image_id, pred in predictions.items():
+        if pred is None:
+            continue
+        masks, n = pred.get("masks"), len(_to_numpy(pred["scores"]).reshape(-1))
+        if masks is None or len(masks) != n:
+            raise ValueError(f"{what}: segm evaluation needs predictions[{image_id!r}]['masks'], one COCO RLE per "
+                             f"box ({n}), got {None if masks is None else len(masks)}; is MODEL.MASK_ON set?")
+        rles.extend(masks)
+    return rles
+
+
+def evaluate_coco(meta, predictions, iou_type="bbox"):
+    """COCO bbox (or, with iou_type "segm", mask) AP with pycocotools' official ``COCOeval`` (as
+    detectron2's COCOEvaluator with ``use_fast_impl=False``). ``meta`` needs ``json_file``; class ids
+    are mapped back to the JSON's category ids. All images of the JSON are evaluated. For segm every
+    prediction also needs ``masks``: a list of COCO RLEs ({"size", "counts"}; transfer.masks.encode_rles),
+    one per box, scored without their boxes (as detectron2: S/M/L by mask area). Returns {AP, AP50,
+    AP75, APs, APm, APl} x100; a metric COCOeval cannot compute (or no detections at all) is NaN."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -357,8 +376,15 @@ def evaluate_coco(meta, predictions):
     xywh = boxes.copy()
     xywh[:, 2] -= xywh[:, 0]
     xywh[:, 3] -= xywh[:, 1]
-    results = [{"image_id": ids[p], "category_id": id_map[int(c)], "bbox": b, "score": s}
-               for p, c, b, s in zip(pos.tolist(), classes.tolist(), xywh.tolist(), scores.tolist())]
+    if iou_type == "segm":
+        results = [{"image_id": ids[p], "category_id": id_map[int(c)], "segmentation": m, "score": s}
+                   for p, c, m, s in zip(pos.tolist(), classes.tolist(), _flatten_masks(predictions, what),
+                                         scores.tolist())]
+    elif iou_type == "bbox":
+        results = [{"image_id": ids[p], "category_id": id_map[int(c)], "bbox": b, "score": s}
+                   for p, c, b, s in zip(pos.tolist(), classes.tolist(), xywh.tolist(), scores.tolist())]
+    else:
+        raise ValueError(f"{what}: iou_type {iou_type!r}; use 'bbox' or 'segm'")
     if not results:
         logger.warning(f"{what}: no detections at all; every metric is NaN (as detectron2)")
         return {m: float("nan") for m in COCO_METRICS}
@@ -366,21 +392,29 @@ def evaluate_coco(meta, predictions):
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         coco_dt = coco_gt.loadRes(results)
-        ev = COCOeval(coco_gt, coco_dt, "bbox")
+        ev = COCOeval(coco_gt, coco_dt, iou_type)
         ev.params.maxDets = [1, 10, 100]
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    logger.info(f"{what} of {json_file}:\n{buf.getvalue()}")
+    logger.info(f"{what} ({iou_type}) of {json_file}:\n{buf.getvalue()}")
     return {m: float(ev.stats[k] * 100 if ev.stats[k] >= 0 else "nan") for k, m in enumerate(COCO_METRICS)}
 
 
-def evaluate(meta, predictions):
-    """Dispatch on ``meta["evaluator_type"]`` ("pascal_voc" or "coco")."""
+def eval_tasks(mask_on):
+    """The iou types scored per test dataset: boxes, and masks with MODEL.MASK_ON."""
+    return ("bbox", "segm") if mask_on else ("bbox",)
+
+
+def evaluate(meta, predictions, iou_type="bbox"):
+    """Dispatch on ``meta["evaluator_type"]`` ("pascal_voc" or "coco"); masks ("segm") are COCO only."""
     kind = meta.get("evaluator_type")
     if kind == "pascal_voc":
+        if iou_type != "bbox":
+            raise ValueError(f"evaluation: dataset {meta.get('name', '')!r} is PASCAL VOC, which has no masks to "
+                             "score; MODEL.MASK_ON needs COCO-format datasets")
         return evaluate_voc(meta, predictions)
     if kind == "coco":
-        return evaluate_coco(meta, predictions)
+        return evaluate_coco(meta, predictions, iou_type)
     raise ValueError(f"evaluation: unknown evaluator_type {kind!r} in dataset metadata; "
                      "expected 'pascal_voc' or 'coco'")

@@ -9,6 +9,8 @@ reproducing detectron2 0.6's GeneralizedRCNN as configured by a detectron2 YAML.
          RoIAlignV2 7x7 on p2..p5 (level by box size, canonical 224 @ p4) -> NUM_FC x FC(1024)+ReLU -> predictor
     predictor: cls_score [R,K+1] (index 0 = background here; detectron2 puts it last, a pure relabelling),
                bbox_pred [R,K*4] class-specific deltas with weights ROI_BOX_HEAD.BBOX_REG_WEIGHTS
+    MASK_ON (C4 only, detectron2's Res5ROIHeads): res5 features [R,2048,7,7] -> MaskHead -> [R,K,14,14]
+         logits; targets, loss and pasting in transfer/masks.py
 
 Reused from torchvision: RegionProposalNetwork (matching, sampling, top-k, NMS), RPNHead, RoIHeads'
 proposal matching/sampling, BoxCoder, FeaturePyramidNetwork, roi_align, batched_nms. Replaced to match
@@ -30,6 +32,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from transfer.backbone import norm_layer, build_resnet_trunk, freeze_stages, load_trunk_weights, trunk_features
 from transfer.config import is_fpn
+from transfer.masks import mask_loss, mask_targets, paste_masks_in_image, select_class_probs
 
 STAGE_STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
 
@@ -247,8 +250,38 @@ class Res5Head(nn.Module):
         self.res5 = res5
         self.norm = extra_norm if extra_norm is not None else nn.Identity()
 
+    def features(self, x):
+        """[R, C, 14, 14] pooled RoIs -> [R, 2048, 7, 7]: what the box head averages and the mask head sees."""
+        return self.norm(self.res5(x))
+
     def forward(self, x):
-        return self.norm(self.res5(x)).mean(dim=[2, 3])
+        return self.features(x).mean(dim=[2, 3])
+
+
+class MaskHead(nn.Module):
+    """detectron2's MaskRCNNConvUpsampleHead: NUM_CONV x (3x3 conv + ReLU), ConvTranspose 2x2 stride 2 +
+    ReLU, 1x1 predictor with one channel per class (or one, CLS_AGNOSTIC_MASK). On C4's res5 output
+    [R, 2048, 7, 7] it gives [R, K, 14, 14] logits. Inits: c2_msra_fill (kaiming normal, fan_out,
+    bias 0) on the convs and the deconv, normal std 0.001 on the predictor."""
+
+    def __init__(self, in_channels, num_conv, conv_dim, num_classes):
+        super().__init__()
+        layers, c = [], in_channels
+        for k in range(num_conv):
+            conv = nn.Conv2d(c, conv_dim, 3, padding=1)
+            layers += [conv, nn.ReLU()]
+            c = conv_dim
+        self.convs = nn.Sequential(*layers)
+        self.deconv = nn.ConvTranspose2d(c, conv_dim, kernel_size=2, stride=2, padding=0)
+        self.predictor = nn.Conv2d(conv_dim, num_classes, kernel_size=1)
+        for layer in [m for m in self.convs if isinstance(m, nn.Conv2d)] + [self.deconv]:
+            nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.constant_(layer.bias, 0)
+        nn.init.normal_(self.predictor.weight, std=0.001)
+        nn.init.constant_(self.predictor.bias, 0)
+
+    def forward(self, x):
+        return self.predictor(F.relu(self.deconv(self.convs(x))))
 
 
 class FastRCNNConvFCHead(nn.Module):
@@ -298,11 +331,16 @@ class Predictor(nn.Module):
 
 
 class D2RoIHeads(RoIHeads):
-    """torchvision RoIHeads' matching + sampling; detectron2's box losses and inference."""
+    """torchvision RoIHeads' matching + sampling; detectron2's box losses and inference. With a
+    `mask_head` (C4 Mask R-CNN, detectron2's Res5ROIHeads with MASK_ON): the mask head runs on the
+    res5 features of the foreground proposals in training (loss_mask, transfer/masks.py) and on
+    those of the final detections at inference ("mask_probs" [N, 14, 14] per image)."""
 
-    def __init__(self, pooler, box_head, predictor, *, append_gt, beta, box_loss_weight, num_classes, **kw):
+    def __init__(self, pooler, box_head, predictor, *, append_gt, beta, box_loss_weight, num_classes,
+                 mask_head=None, **kw):
         super().__init__(box_roi_pool=pooler, box_head=box_head, box_predictor=predictor, **kw)
         self.append_gt, self.beta, self.box_loss_weight, self.num_classes = append_gt, beta, box_loss_weight, num_classes
+        self.c4_mask_head = mask_head  # not torchvision's mask_head slot: that one switches on its own mask path
 
     def add_gt_proposals(self, proposals, gt_boxes):
         return super().add_gt_proposals(proposals, gt_boxes) if self.append_gt else proposals
@@ -310,19 +348,49 @@ class D2RoIHeads(RoIHeads):
     def forward(self, features, proposals, image_shapes, targets=None):
         feats = list(features.values())
         if self.training:
-            proposals, _, labels, regression_targets = self.select_training_samples(proposals, targets)
-        x = self.box_head(self.box_roi_pool(feats, proposals))
+            proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
+        pooled = self.box_roi_pool(feats, proposals)
+        if self.c4_mask_head is not None:
+            res5 = self.box_head.features(pooled)
+            x = res5.mean(dim=[2, 3])
+        else:
+            x = self.box_head(pooled)
         class_logits, box_deltas = self.box_predictor(x)
         class_logits, box_deltas = class_logits.float(), box_deltas.float()
-        if self.training:
-            labels = torch.cat(labels)
-            regression_targets = torch.cat(regression_targets)
-            loss_cls = F.cross_entropy(class_logits, labels)
-            fg = torch.where(labels > 0)[0]
-            deltas = box_deltas.view(len(labels), self.num_classes, 4)[fg, labels[fg] - 1]
-            loss_box = _reg_loss(deltas, regression_targets[fg], self.beta) / max(labels.numel(), 1)
-            return [], {"loss_cls": loss_cls, "loss_box_reg": self.box_loss_weight * loss_box}
-        return self.inference(class_logits, box_deltas, proposals, image_shapes), {}
+        if not self.training:
+            results = self.inference(class_logits, box_deltas, proposals, image_shapes)
+            if self.c4_mask_head is not None:
+                self.predict_masks(feats, results)
+            return results, {}
+        losses = self.box_losses(class_logits, box_deltas, torch.cat(labels), torch.cat(regression_targets))
+        if self.c4_mask_head is not None:
+            fg = torch.where(torch.cat(labels) > 0)[0]
+            logits = self.c4_mask_head(res5[fg])
+            side = logits.shape[-1]
+            gt_masks, gt_classes = mask_targets(proposals, matched_idxs, labels, targets, side)
+            losses["loss_mask"] = mask_loss(logits, gt_masks, gt_classes)
+        return [], losses
+
+    def box_losses(self, class_logits, box_deltas, labels, regression_targets):
+        loss_cls = F.cross_entropy(class_logits, labels)
+        fg = torch.where(labels > 0)[0]
+        deltas = box_deltas.view(len(labels), self.num_classes, 4)[fg, labels[fg] - 1]
+        loss_box = _reg_loss(deltas, regression_targets[fg], self.beta) / max(labels.numel(), 1)
+        return {"loss_cls": loss_cls, "loss_box_reg": self.box_loss_weight * loss_box}
+
+    def predict_masks(self, feats, results):
+        """detectron2's forward_with_given_boxes + mask_rcnn_inference: res5 features of the detected
+        boxes -> mask head -> sigmoid of the detected class's channel, stored as "mask_probs"."""
+        boxes = [r["boxes"] for r in results]
+        counts = [len(b) for b in boxes]
+        if sum(counts) == 0:
+            for r in results:
+                r["mask_probs"] = r["boxes"].new_zeros((0, 0, 0))
+            return
+        logits = self.c4_mask_head(self.box_head.features(self.box_roi_pool(feats, boxes))).float()
+        probs = select_class_probs(logits, torch.cat([r["classes"] for r in results]))
+        for r, p in zip(results, probs.split(counts)):
+            r["mask_probs"] = p
 
     def inference(self, class_logits, box_deltas, proposals, image_shapes):
         """detectron2's fast_rcnn_inference: per class, score > SCORE_THRESH_TEST, NMS, top-k."""
@@ -351,7 +419,9 @@ class D2RoIHeads(RoIHeads):
 class FasterRCNN(nn.Module):
     """forward(list of {image uint8 [3,h,w], height, width, instances{boxes,classes}}) ->
     training: dict of weighted losses (loss_rpn_cls, loss_rpn_loc, loss_cls, loss_box_reg);
-    eval: list of {boxes [N,4] XYXY in the original height x width, scores [N], classes [N]}."""
+    eval: list of {boxes [N,4] XYXY in the original height x width, scores [N], classes [N]}.
+    With a C4 mask head (MODEL.MASK_ON, Mask R-CNN): + loss_mask in training, + masks bool [N, height,
+    width] at inference; the inputs' instances then carry "polygons" (transfer/masks.py)."""
 
     def __init__(self, backbone, rpn, roi_heads, pixel_mean, pixel_std, rpn_in, roi_in, rpn_loss_weights):
         super().__init__()
@@ -383,6 +453,9 @@ class FasterRCNN(nn.Module):
         if self.training:
             targets = [{"boxes": x["instances"]["boxes"].to(self.device),
                         "labels": x["instances"]["classes"].to(self.device) + 1} for x in batched_inputs]
+            for t, x in zip(targets, batched_inputs):
+                if "polygons" in x["instances"]:  # MASK_ON: per object, a list of float64 arrays (CPU)
+                    t["polygons"] = x["instances"]["polygons"]
         features = self.backbone(images.tensors)
         proposals, rpn_losses = self.rpn(images, OrderedDict((k, features[k]) for k in self.rpn_in), targets)
         roi_feats = OrderedDict((k, features[k]) for k in self.roi_in)
@@ -402,7 +475,10 @@ class FasterRCNN(nn.Module):
         boxes[:, 1::2] *= h / size[0]
         boxes = box_ops.clip_boxes_to_image(boxes, (h, w))
         keep = ((boxes[:, 2] - boxes[:, 0]) > 0) & ((boxes[:, 3] - boxes[:, 1]) > 0)
-        return {"boxes": boxes[keep], "scores": r["scores"][keep], "classes": r["classes"][keep]}
+        out = {"boxes": boxes[keep], "scores": r["scores"][keep], "classes": r["classes"][keep]}
+        if "mask_probs" in r:  # bool [N, h, w] in the original image
+            out["masks"] = paste_masks_in_image(r["mask_probs"][keep], out["boxes"], (h, w))
+        return out
 
 
 def build_model(cfg, d2_weights=None, log=None):
@@ -450,10 +526,14 @@ def build_model(cfg, d2_weights=None, log=None):
             if rh.NAME == "Res5ROIHeadsExtraNorm" else None
         box_head = Res5Head(trunk.layer4, extra)
         out_dim = _stage_channels(trunk)["res5"]
+    mask_head = None
+    if m.MASK_ON:  # C4 only (config validation): on the res5 RoI features the box head averages
+        mh = m.ROI_MASK_HEAD
+        mask_head = MaskHead(out_dim, mh.NUM_CONV, mh.CONV_DIM, 1 if mh.CLS_AGNOSTIC_MASK else rh.NUM_CLASSES)
     roi_heads = D2RoIHeads(
         pooler, box_head, Predictor(out_dim, rh.NUM_CLASSES),
         append_gt=rh.PROPOSAL_APPEND_GT, beta=bh.SMOOTH_L1_BETA, box_loss_weight=bh.BBOX_REG_LOSS_WEIGHT,
-        num_classes=rh.NUM_CLASSES,
+        num_classes=rh.NUM_CLASSES, mask_head=mask_head,
         fg_iou_thresh=rh.IOU_THRESHOLDS[0], bg_iou_thresh=rh.IOU_THRESHOLDS[0],
         batch_size_per_image=rh.BATCH_SIZE_PER_IMAGE, positive_fraction=rh.POSITIVE_FRACTION,
         bbox_reg_weights=tuple(bh.BBOX_REG_WEIGHTS), score_thresh=rh.SCORE_THRESH_TEST,

@@ -3,10 +3,12 @@
 Per iteration `it` (0-based): lr = BASE_LR * warmup(it) * GAMMA^(#STEPS <= it) (detectron2's
 WarmupMultiStepLR), forward -> weighted losses -> a non-finite total raises naming `it` and every
 term -> SGD step (momentum, weight decay none on norms, optional clipping, AMP on CUDA).
-Hooks in detectron2's order after a step: PreciseBN (before an eval), checkpoint
-(`model_{it:07d}.pth` when (it+1) % CHECKPOINT_PERIOD == 0, `model_final.pth` at the end, written
-atomically with `last_checkpoint` via cocord_common/checkpoint.py), eval (every TEST.EVAL_PERIOD and at the
-end), metrics (every 20 iterations: metrics.json line, log.txt, TensorBoard).
+Hooks after a step: metrics (every 20 iterations: metrics.json line, log.txt, TensorBoard), PreciseBN
+(before an eval), `model_final.pth` at the end, eval (every TEST.EVAL_PERIOD and at the end), then the
+periodic checkpoint `model_{it:07d}.pth` when (it+1) % CHECKPOINT_PERIOD == 0 (last, so that it carries
+every metrics line written up to it; checkpoints are written atomically with `last_checkpoint` via
+cocord_common/checkpoint.py). On resume metrics.json is reconciled with the checkpoint
+(cocord_common.metrics.reconcile_transfer_metrics).
 
 Exact resume: a checkpoint holds model, optimizer (with each group's base lr), AMP scaler, the seed and
 every RNG state (cocord_common.rng: torch, CUDA, numpy, Python); the data stream is a pure function of
@@ -31,11 +33,13 @@ from cocord_common import log as common_log
 from cocord_common.checkpoint import (last_checkpoint, load_checkpoint, remove_orphan_temp_files, save_checkpoint,
                                       write_text_atomic)
 from cocord_common.errors import UserError
-from cocord_common.dist import all_gather_object, get_rank, get_world_size
-from cocord_common.metrics import append_jsonl, TRANSFER_METRICS_FILE as METRICS_FILE
+from cocord_common.dist import gather_object, get_rank, get_world_size
+from cocord_common.metrics import (append_jsonl, reconcile_transfer_metrics, transfer_lines_for_checkpoint,
+                                   TRANSFER_METRICS_FILE as METRICS_FILE)
 from cocord_common.rng import rng_state, seed_all, set_rng_state
 from transfer import data as tdata
 from transfer.d2_format import load_d2_file
+from transfer.masks import encode_rles, require_mask_datasets, require_polygons
 from transfer.modeling import build_model
 
 logger = logging.getLogger("transfer")
@@ -83,6 +87,10 @@ def prepare_datasets(cfg):
     for n, m in metas.items():
         if m["thing_classes"] != ref:
             raise ValueError(f"datasets '{ref_name}' and '{n}' have different classes: {ref} vs {m['thing_classes']}")
+    require_mask_datasets(cfg, metas)
+    if cfg.MODEL.MASK_ON:  # an object without polygons would otherwise fail in a loader worker
+        for n in cfg.DATASETS.TRAIN:
+            require_polygons(tdata.get_dataset_dicts(n, cfg), metas[n]["json_file"])
     k = cfg.MODEL.ROI_HEADS.NUM_CLASSES
     if k != len(ref):
         raise ValueError(f"config MODEL.ROI_HEADS.NUM_CLASSES = {k}, but dataset '{ref_name}' has {len(ref)} "
@@ -168,29 +176,34 @@ def amp_dtype(cfg, device):
 
 @torch.no_grad()
 def inference(model, loader, device):
-    """{image_id: {boxes, scores, classes} numpy} over this rank's shard, gathered on every rank."""
+    """{image_id: {boxes, scores, classes} numpy (+ masks: COCO RLEs with MASK_ON)} over this rank's shard,
+    gathered on rank 0 (the only one that evaluates; the others keep their own shard)."""
     was_training = model.training
     model.eval()
     preds = OrderedDict()
     n, t0 = 0, time.perf_counter()
     for batch in loader:
         for x, out in zip(batch, model(batch)):
+            masks = out.pop("masks", None)  # MASK_ON: full-image bool masks -> COCO RLEs right away (memory)
             preds[x["image_id"]] = {k: v.cpu().numpy() for k, v in out.items()}
+            if masks is not None:
+                preds[x["image_id"]]["masks"] = encode_rles(masks)
             n += 1
     model.train(was_training)
     if get_world_size() > 1:
-        parts = all_gather_object(preds)
-        preds = OrderedDict()
-        for p in parts:
-            preds.update(p)
+        parts = gather_object(preds)
+        if parts is not None:
+            preds = OrderedDict()
+            for p in parts:
+                preds.update(p)
     elapsed = time.perf_counter() - t0
     return preds, elapsed / max(n, 1)
 
 
 def evaluate_all(cfg, model, metas, device):
-    """Run every DATASETS.TEST; detectron2's result layout: {"bbox/AP": ..} for one dataset, else
-    {"<name>/bbox/AP": ..}."""
-    from transfer.evaluation import evaluate
+    """Run every DATASETS.TEST; detectron2's result layout: {"bbox/AP": ..} (and "segm/AP" .. with
+    MODEL.MASK_ON) for one dataset, else {"<name>/bbox/AP": ..}."""
+    from transfer.evaluation import eval_tasks, evaluate
     flat = OrderedDict()
     for name in cfg.DATASETS.TEST:
         dicts = tdata.get_dataset_dicts(name, cfg)
@@ -198,15 +211,17 @@ def evaluate_all(cfg, model, metas, device):
         inner = model.module if hasattr(model, "module") else model
         preds, sec = inference(inner, loader, device)
         logger.info(f"inference on {name}: {len(preds)} images, {sec:.4f} s / image")
-        res = evaluate(metas[name], preds) if get_rank() == 0 else {}
-        if get_rank() == 0:
-            logger.info(f"evaluation of {name}: " + json.dumps({k: v for k, v in res.items()}, default=float))
         prefix = "" if len(cfg.DATASETS.TEST) == 1 else f"{name}/"
-        for k, v in res.items():
-            if isinstance(v, (int, float)):
-                flat[f"{prefix}bbox/{k}"] = float(v)
-            elif k == "excluded_classes":  # names, not a number: metrics.json only, never TensorBoard
-                flat[f"{prefix}bbox/{k}"] = list(v)
+        for task in eval_tasks(cfg.MODEL.MASK_ON):
+            res = evaluate(metas[name], preds, task) if get_rank() == 0 else {}
+            if get_rank() == 0:
+                what = f"{name} ({task})" if cfg.MODEL.MASK_ON else name
+                logger.info(f"evaluation of {what}: " + json.dumps(dict(res), default=float))
+            for k, v in res.items():
+                if isinstance(v, (int, float)):
+                    flat[f"{prefix}{task}/{k}"] = float(v)
+                elif k == "excluded_classes":  # names, not a number: metrics.json only, never TensorBoard
+                    flat[f"{prefix}{task}/{k}"] = list(v)
     if get_world_size() > 1:
         box = [flat]
         dist.broadcast_object_list(box, src=0)
@@ -261,6 +276,8 @@ class Trainer:
             self.start_iter = int(ckpt["iteration"]) + 1
             restore_rng(ckpt["rng"])
             logger.info(f"resumed from {self.resume_path} at iteration {self.start_iter}")
+            if get_rank() == 0:  # metrics.json as of the checkpoint: lines after it dropped, lost ones restored
+                reconcile_transfer_metrics(self.out, ckpt.get("metrics_lines"), self.start_iter - 1, logger.info)
         self.ddp = self.model
         if get_world_size() > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -285,7 +302,8 @@ class Trainer:
         if get_rank() != 0:
             return
         obj = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-               "scaler": self.scaler.state_dict(), "iteration": it, "seed": self.seed, "rng": rng_state()}
+               "scaler": self.scaler.state_dict(), "iteration": it, "seed": self.seed, "rng": rng_state(),
+               "metrics_lines": transfer_lines_for_checkpoint(self.out, it)}  # a resume restores lost lines
         save_checkpoint(obj, self.out, name)
         logger.info(f"saved {os.path.join(self.out, name)}")
 
@@ -369,13 +387,13 @@ class Trainer:
                 window = defaultdict(lambda: [], {k: v[-WRITE_PERIOD:] for k, v in window.items()})
             if do_eval:
                 self.precise_bn(it)
-            if last:
+            if last:  # before the final eval, which a resume of a finished run evaluates again
                 self.save("model_final.pth", it)
-            elif nxt % s.CHECKPOINT_PERIOD == 0:
-                self.save(f"model_{it:07d}.pth", it)
             if do_eval:
                 results = self.test(it)
                 self.ddp.train()
+            if not last and nxt % s.CHECKPOINT_PERIOD == 0:  # after the eval, so it carries the eval line
+                self.save(f"model_{it:07d}.pth", it)
             t_data = time.perf_counter()
         logger.info(f"training took {time.perf_counter() - t_start:.1f}s")
         if self.tb is not None:

@@ -4,6 +4,10 @@
     python transfer/train_net.py --config configs/voc_r50.yaml --num-gpus 8 MODEL.WEIGHTS out.pkl
     python transfer/train_net.py --config ... --eval-only MODEL.WEIGHTS output/model_final.pth
     python transfer/train_net.py --config ... --trials 5          # MoCo's protocol: mean of 5 seeds
+    python transfer/train_net.py --config configs/cpu/voc_bccd_r18_fpn.yaml \
+        DATASETS.REGISTER.mine.TYPE voc DATASETS.REGISTER.mine.ROOT data/mine \
+        DATASETS.REGISTER.mine.ANNOTATION_DIR annotations DATASETS.REGISTER.mine.IMAGE_DIR images \
+        DATASETS.TRAIN mine_train DATASETS.TEST mine_test OUTPUT_DIR output/mine   # your own data
 
 Engines: `--engine auto` (default) uses detectron2 when it can be imported, else our torchvision
 engine (transfer/torchvision_engine.py); both read the same YAML and write the same outputs. The
@@ -19,7 +23,7 @@ import sys
 from cocord_common.checkpoint import POINTER, write_text_atomic
 from cocord_common.errors import UserError, input_checks, run_main
 from cocord_common.metrics import TRANSFER_METRICS_FILE as METRICS_FILE
-from cocord_common.metrics import eval_lines, final_eval_line, mean_std, read_jsonl_torn_tail
+from cocord_common.metrics import drop_cut_last_line, eval_lines, final_eval_line, mean_std, read_jsonl_torn_tail
 
 METRICS = ("AP", "AP50", "AP75")
 
@@ -173,25 +177,12 @@ def finished_eval_line(output_dir, max_iter):
     return evals[-1] if evals and evals[-1].get("iteration") == max_iter - 1 else None
 
 
-def drop_torn_metrics_line(output_dir):
-    """Cut a torn last line (a kill mid-append) off metrics.json, with a warning naming the file, so
-    that a resumed run appends after whole lines. A bad line before the last one stays an error."""
-    path = os.path.join(output_dir, METRICS_FILE)
-    _, torn = read_jsonl_torn_tail(path)
-    if torn is None:
-        return
-    with open(path, "rb") as f:
-        data = f.read().rstrip()
-    cut = data.rfind(b"\n") + 1  # the torn line is the last non-blank one
-    with open(path, "r+b") as f:
-        f.truncate(cut)
-    print(f"[train_net] warning: {path}:{torn[0]}: dropped a torn last line (a run killed while "
-          f"appending it): {torn[1][:80]!r}", file=sys.stderr, flush=True)
-
-
 def prepare_output_dir(output_dir, max_iter, args):
-    """Refuse a fresh run into a folder holding another run; on --resume, tidy metrics.json. Returns
-    the final evaluation line when --resume finds the run finished (nothing left to do), else None."""
+    """Refuse a fresh run into a folder holding another run; on --resume without a checkpoint (a run
+    killed before its first one), drop a cut last line of metrics.json so that the new lines follow
+    whole ones (with a checkpoint the engine reconciles the file with it,
+    cocord_common.metrics.reconcile_transfer_metrics). Returns the final evaluation line when --resume
+    finds the run finished (nothing left to do), else None."""
     if args.eval_only:
         return None  # --eval-only only appends its evaluation line
     if not args.resume:
@@ -201,7 +192,8 @@ def prepare_output_dir(output_dir, max_iter, args):
                 "there would mix both histories. Pass --resume to continue it, choose another OUTPUT_DIR, or "
                 "pass --allow-existing-output to start afresh there anyway")
         return None
-    drop_torn_metrics_line(output_dir)
+    if not os.path.isfile(os.path.join(output_dir, POINTER)):
+        drop_cut_last_line(os.path.join(output_dir, METRICS_FILE), lambda m: print(f"[train_net] {m}", flush=True))
     return finished_eval_line(output_dir, max_iter)
 
 
@@ -214,7 +206,19 @@ def run_in_folder(engine, cfg, args):
               f"{finished.get('iteration')}); nothing to do, nothing appended", flush=True)
         return finished if engine == "detectron2" else {k: v for k, v in finished.items() if k != "iteration"}
     with input_checks():
-        return run_engine(engine, cfg, args)
+        return run_engine(engine, resolve_config_datasets(cfg, args), args)
+
+
+def resolve_config_datasets(cfg, args):
+    """`cfg` with its datasets resolved by transfer.data.resolve_datasets (splits made under
+    OUTPUT_DIR/splits, classes read from the annotations, MODEL.ROI_HEADS.NUM_CLASSES from the
+    classes unless the command line sets it); what it derived is printed."""
+    from transfer.data import resolve_datasets
+    num_classes_given = "MODEL.ROI_HEADS.NUM_CLASSES" in list(args.opts)[0::2]
+    cfg, notes = resolve_datasets(cfg, num_classes_given, reuse_splits=args.resume or args.eval_only)
+    for note in notes:
+        print(f"[train_net] {note}", flush=True)
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------
