@@ -22,7 +22,8 @@ from cocord_pipeline.stages import GROUPS, Plan
 
 def _add_config_flags(p):
     """The flags that choose the output folder and the pipeline config (shared with the report's CLI)."""
-    p.add_argument("--output-dir", default="output/pipeline", help="where every stage writes (default: %(default)s)")
+    p.add_argument("--output-dir", default=None, help="where every stage writes (default: output/pipeline; "
+                   "output/cifar with --cifar, so the two never share a folder)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a couple of minutes; what the tests run)")
     p.add_argument("--config", default=None, help="pipeline config YAML (default: configs/pipeline/"
                    "embedded.yaml, quick.yaml with --quick, real.yaml with --imagenet: the paper's ResNet-101 -> "
@@ -66,6 +67,8 @@ def _parse(p, argv):
     for flag in ("pairs", "methods", "teacher_weights"):
         if getattr(args, flag) and not args.cifar:
             p.error(f"--{flag.replace('_', '-')} belongs to the CIFAR benchmark: add --cifar DATA")
+    if args.output_dir is None:
+        args.output_dir = "output/cifar" if args.cifar else "output/pipeline"
     if args.paper_tables and not os.path.isfile(args.paper_tables):  # before hours of stages, not at the report
         p.error(f"--paper-tables {args.paper_tables}: no such file")
     return args

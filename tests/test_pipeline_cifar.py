@@ -177,6 +177,13 @@ def test_data_without_cifar_folder_and_misplaced_flags(tmp_path, capsys):
         cli.parse_args(["--cifar", "embedded", "--quick"])
 
 
+def test_cifar_runs_default_to_their_own_output_folder():
+    """The CIFAR benchmark never writes into the transfer pipeline's (the demo's) default folder."""
+    assert cli.parse_args(["--cifar", "embedded"]).output_dir == "output/cifar"
+    assert cli.parse_args([]).output_dir == "output/pipeline"
+    assert cli.parse_args(["--cifar", "embedded", "--output-dir", "x"]).output_dir == "x"
+
+
 def _zscore_rows(a):
     a = a - a.mean(1, keepdims=True)
     return a / np.linalg.norm(a, axis=1, keepdims=True)

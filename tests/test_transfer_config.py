@@ -194,3 +194,14 @@ def test_detector_postprocess_rescales_clips_and_drops_empty():
     out = FasterRCNN._rescale(r, {"height": 128, "width": 160}, (64, 80))
     assert torch.equal(out["boxes"], torch.tensor([[20.0, 20.0, 40.0, 40.0], [140.0, 10.0, 160.0, 60.0]]))
     assert out["classes"].tolist() == [0, 1]
+
+
+def test_register_key_of_the_other_type_is_refused_not_ignored(tmp_path):
+    """A COCO entry cannot take a VOC-only key (it would be ignored): the error names entry, key and TYPE."""
+    f = tmp_path / "reg.yaml"
+    f.write_text("DATASETS:\n  REGISTER:\n    mine: {TYPE: coco, IMAGE_ROOT: i, JSON_FILE: j.json, YEAR: 2007}\n")
+    with pytest.raises(KeyError, match=r"reg\.yaml: DATASETS.REGISTER.mine.YEAR is not a key of a TYPE coco"):
+        load_config(str(f), validate_cfg=False)
+    with pytest.raises(KeyError, match=r"DATASETS.REGISTER.mine.JSON_FILE is not a key of a TYPE voc"):
+        load_config(None, ["DATASETS.REGISTER.mine.TYPE", "voc", "DATASETS.REGISTER.mine.JSON_FILE", "a.json"],
+                    validate_cfg=False)

@@ -15,9 +15,13 @@ from fvcore.common.config import CfgNode as _FvCfgNode
 
 from cocord_common.yaml_config import load_yaml_with_base
 
-# Keys a `DATASETS.REGISTER.<name>` entry may hold (see transfer/data.py).
-REGISTER_KEYS = {"TYPE", "ROOT", "SPLIT", "CLASSES", "YEAR", "IMAGE_ROOT", "JSON_FILE",
-                 "IMAGE_DIR", "ANNOTATION_DIR", "SPLIT_FILE", "TEST_FRACTION", "SPLIT_SEED"}
+# Keys a `DATASETS.REGISTER.<name>` entry may hold, per TYPE (see transfer/data.py).
+REGISTER_KEYS_BY_TYPE = {
+    "voc": {"TYPE", "ROOT", "SPLIT", "CLASSES", "YEAR", "IMAGE_DIR", "ANNOTATION_DIR", "SPLIT_FILE",
+            "TEST_FRACTION", "SPLIT_SEED"},
+    "coco": {"TYPE", "IMAGE_ROOT", "JSON_FILE", "CLASSES", "TEST_FRACTION", "SPLIT_SEED"},
+}
+REGISTER_KEYS = set().union(*REGISTER_KEYS_BY_TYPE.values())
 
 
 class CfgNode(_FvCfgNode):
@@ -243,6 +247,11 @@ def register_problems(reg, where):
             continue
         problems += [f"{where}: unknown config key 'DATASETS.REGISTER.{name}.{k}'"
                      for k in entry if k not in REGISTER_KEYS]
+        kind = str(entry.get("TYPE", "")).lower()
+        if kind in REGISTER_KEYS_BY_TYPE:  # a key of the other TYPE would be ignored: refuse it instead
+            own = REGISTER_KEYS_BY_TYPE[kind]
+            problems += [f"{where}: DATASETS.REGISTER.{name}.{k} is not a key of a TYPE {kind} dataset "
+                         f"(its keys: {sorted(own)})" for k in entry if k in REGISTER_KEYS and k not in own]
     return problems
 
 
@@ -285,7 +294,7 @@ def merge_opts(cfg, opts):
     `[a_train, b_train]`, a Python literal). One KeyError lists every bad key."""
     if len(opts) % 2:
         raise ValueError(f"overrides must be KEY VALUE pairs, got an odd list: {opts}")
-    plain, problems = [], []
+    plain, problems, registered = [], [], set()
     for k, v in zip(opts[0::2], opts[1::2]):
         parts = k.split(".")
         if parts[:2] == ["DATASETS", "REGISTER"]:
@@ -298,6 +307,7 @@ def merge_opts(cfg, opts):
                 reg[parts[2]] = type(reg)()
             reg[parts[2]][parts[3]] = (list_value(v) if parts[3] == "CLASSES" and isinstance(v, str)
                                        else CN._decode_cfg_value(v))
+            registered.add(parts[2])
             continue
         node = cfg
         for i, part in enumerate(parts):
@@ -308,6 +318,8 @@ def merge_opts(cfg, opts):
             node = node[part]
         else:
             plain += [k, _list_value(node, v) if isinstance(v, str) else v]
+    # the entries the command line touched, as merged with the file's: keys that fit their TYPE
+    problems += register_problems({n: cfg.DATASETS.REGISTER[n] for n in sorted(registered)}, "command line")
     if problems:
         raise KeyError(problem_list(problems, "the command line's config keys"))
     try:
