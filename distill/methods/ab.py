@@ -88,7 +88,7 @@ class AB(TwoStageMethod):
         s_shapes, t_shapes = network_shapes(student, teacher, hp, preact=True)
         check_stage_pairs(s_shapes, t_shapes, "ab")
         return cls(student, teacher, stage_outputs(s_shapes), stage_outputs(t_shapes), init_epochs=hp["init_epochs"],
-                   w_ce=hp["w_ce"], w_ab=hp["w_ab"], w_kd=hp["w_kd"], kd_T=hp["kd_T"])
+                   **cls.loss_weights(hp))
 
     def init_stage_parameters(self):
         head = classifier_name(self.student) + "."

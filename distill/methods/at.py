@@ -54,7 +54,7 @@ class AT(FeatureMethod):
     @classmethod
     def from_hparams(cls, student, teacher, hp, num_samples, sample_labels, gather):
         check_stage_pairs(*network_shapes(student, teacher, hp), "at")
-        return cls(student, teacher, w_ce=hp["w_ce"], w_at=hp["w_at"], w_kd=hp["w_kd"], kd_T=hp["kd_T"])
+        return cls(student, teacher, **cls.loss_weights(hp))
 
     def feature_loss(self, feats_s, feats_t):
         return self.attention(feats_s[1:-1], feats_t[1:-1])

@@ -55,8 +55,7 @@ class CC(FeatureMethod):
 
     @classmethod
     def from_hparams(cls, student, teacher, hp, num_samples, sample_labels, gather):
-        return cls(student, teacher, feat_dim=hp["cc_feat_dim"], w_ce=hp["w_ce"], w_cc=hp["w_cc"],
-                   w_kd=hp["w_kd"], kd_T=hp["kd_T"])
+        return cls(student, teacher, feat_dim=hp["cc_feat_dim"], **cls.loss_weights(hp))
 
     def feature_loss(self, feats_s, feats_t):
         return self.correlation(feats_s[-1], feats_t[-1])

@@ -65,6 +65,18 @@ class FeatureMethod(Method):
         super().__init__(student, teacher)
         self.w_ce, self.w_feat, self.w_kd, self.kd_T = w_ce, w_feat, w_kd, kd_T
 
+    @classmethod
+    def loss_weights(cls, hp):
+        """The keyword arguments every feature method takes from the resolved flags: w_ce, w_<loss_name>,
+        w_kd, kd_T."""
+        w_feat = f"w_{cls.loss_name}"
+        return {"w_ce": hp["w_ce"], w_feat: hp[w_feat], "w_kd": hp["w_kd"], "kd_T": hp["kd_T"]}
+
+    @classmethod
+    def from_hparams(cls, student, teacher, hp, num_samples, sample_labels, gather):
+        """Methods without modules sized from the networks need the weights only."""
+        return cls(student, teacher, **cls.loss_weights(hp))
+
     def feature_loss(self, feats_s, feats_t):
         """The unweighted feature loss from the two feature lists [stem, stages..., pooled]."""
         raise NotImplementedError(f"{type(self).__name__} must define feature_loss")

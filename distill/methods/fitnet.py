@@ -51,8 +51,8 @@ class FitNet(FeatureMethod):
         if not 0 <= layer <= last:
             raise ValueError(f"--hint-layer {layer} is not a feature map of both networks: choose 0 (stem) .. "
                              f"{last} (the student has {len(s_shapes) - 2} stages, the teacher {len(t_shapes) - 2})")
-        return cls(student, teacher, s_shapes[layer], t_shapes[layer], hint_layer=layer, w_ce=hp["w_ce"],
-                   w_fitnet=hp["w_fitnet"], w_kd=hp["w_kd"], kd_T=hp["kd_T"])
+        return cls(student, teacher, s_shapes[layer], t_shapes[layer], hint_layer=layer,
+                   **cls.loss_weights(hp))
 
     def feature_loss(self, feats_s, feats_t):
         return self.hint(feats_s[self.hint_layer], feats_t[self.hint_layer])

@@ -126,7 +126,7 @@ class FT(TwoStageMethod):
     def from_hparams(cls, student, teacher, hp, num_samples, sample_labels, gather):
         s_shapes, t_shapes = network_shapes(student, teacher, hp)
         return cls(student, teacher, s_shapes[-2][0], t_shapes[-2][0], init_epochs=hp["init_epochs"],
-                   w_ce=hp["w_ce"], w_ft=hp["w_ft"], w_kd=hp["w_kd"], kd_T=hp["kd_T"])
+                   **cls.loss_weights(hp))
 
     def init_stage_parameters(self):
         return list(self.factor.paraphraser.parameters())

@@ -52,9 +52,5 @@ class PKT(FeatureMethod):
         super().__init__(student, teacher, w_ce, w_pkt, w_kd, kd_T)
         self.pkt = PKTLoss()
 
-    @classmethod
-    def from_hparams(cls, student, teacher, hp, num_samples, sample_labels, gather):
-        return cls(student, teacher, w_ce=hp["w_ce"], w_pkt=hp["w_pkt"], w_kd=hp["w_kd"], kd_T=hp["kd_T"])
-
     def feature_loss(self, feats_s, feats_t):
         return self.pkt(feats_s[-1], feats_t[-1])

@@ -75,8 +75,8 @@ class RKD(FeatureMethod):
 
     @classmethod
     def from_hparams(cls, student, teacher, hp, num_samples, sample_labels, gather):
-        return cls(student, teacher, w_dist=hp["rkd_w_dist"], w_angle=hp["rkd_w_angle"], w_ce=hp["w_ce"],
-                   w_rkd=hp["w_rkd"], w_kd=hp["w_kd"], kd_T=hp["kd_T"])
+        return cls(student, teacher, w_dist=hp["rkd_w_dist"], w_angle=hp["rkd_w_angle"],
+                   **cls.loss_weights(hp))
 
     def feature_loss(self, feats_s, feats_t):
         return self.relation(feats_s[-1], feats_t[-1])

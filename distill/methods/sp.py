@@ -43,9 +43,5 @@ class SP(FeatureMethod):
         super().__init__(student, teacher, w_ce, w_sp, w_kd, kd_T)
         self.similarity = SimilarityLoss()
 
-    @classmethod
-    def from_hparams(cls, student, teacher, hp, num_samples, sample_labels, gather):
-        return cls(student, teacher, w_ce=hp["w_ce"], w_sp=hp["w_sp"], w_kd=hp["w_kd"], kd_T=hp["kd_T"])
-
     def feature_loss(self, feats_s, feats_t):
         return self.similarity(feats_s[-2], feats_t[-2])

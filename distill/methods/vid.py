@@ -78,7 +78,7 @@ class VID(FeatureMethod):
         s_shapes, t_shapes = network_shapes(student, teacher, hp)
         check_stage_pairs(s_shapes, t_shapes, "vid")
         return cls(student, teacher, [s[0] for s in stage_outputs(s_shapes)], [t[0] for t in stage_outputs(t_shapes)],
-                   w_ce=hp["w_ce"], w_vid=hp["w_vid"], w_kd=hp["w_kd"], kd_T=hp["kd_T"])
+                   **cls.loss_weights(hp))
 
     def feature_loss(self, feats_s, feats_t):
         return self.vid(feats_s[1:-1], feats_t[1:-1])
